@@ -1,0 +1,1 @@
+"""Model runtimes. Knows nothing about Celery; importing this package loads no torch."""

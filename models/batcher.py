@@ -1,0 +1,219 @@
+"""Dynamic batching across requests for encoder models.
+
+Task threads tokenize their own inputs and hand the token sequences to the model's
+batcher. One thread per model gathers the sequences of every request in flight (from
+any task: embed, rerank, classify and ner share a model's forward pass where they share
+a model), sorts them by length so padding stays small, cuts them into batches bounded by
+a row cap and a padded-token budget, runs the forward passes and hands each request its
+outputs in its own order. A request larger than one batch is simply split.
+
+The batcher waits for more work only while other requests are known to be on their way
+(a task that has entered the model but not yet submitted), and never longer than
+``max_wait_ms``: a lone request goes straight through.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from models.errors import InferenceError
+
+log = structlog.get_logger(__name__)
+
+Features = dict[str, list[int]]
+"""One tokenized sequence: ``input_ids`` and any other per-token fields."""
+
+ForwardFn = Callable[[Sequence[Features]], list[Any]]
+"""Runs one padded forward pass; returns one output per sequence, in order."""
+
+
+@dataclass
+class BatchLimits:
+    enabled: bool = True
+    max_batch_size: int = 64
+    max_batch_tokens: int = 16384
+    max_wait_ms: float = 2.0
+
+
+@dataclass
+class _Request:
+    items: Sequence[Features]
+    outputs: list[Any]
+    remaining: int
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    rows: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    splits: int = 0
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def plan_batches(lengths: Sequence[int], limits: BatchLimits) -> list[list[int]]:
+    """Indices grouped into batches, longest first, within the row cap and token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # sorted descending: the first row of a batch is its longest, so padded size is rows x that
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) >= limits.max_batch_size or (len(current) + 1) * longest > limits.max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class DynamicBatcher:
+    def __init__(self, name: str, forward: ForwardFn, limits: BatchLimits) -> None:
+        self.name = name
+        self.limits = limits
+        self.stats = BatchStats()
+        self._forward = forward
+        self._cond = threading.Condition()
+        self._pending: list[_Request] = []
+        self._pending_rows = 0
+        self._active = 0  # requests that entered the model and may submit soon
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if limits.enabled:
+            self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+            self._thread.start()
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Announce a request before it tokenizes, so the batcher knows to wait for it."""
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def run(self, items: Sequence[Features], timeout: float) -> list[Any]:
+        """Outputs for ``items``, in order, computed in shared batches."""
+        if not items:
+            return []
+        request = _Request(items=items, outputs=[None] * len(items), remaining=len(items))
+        if self._thread is None:
+            self._execute([request])
+        else:
+            with self._cond:
+                if self._closed:
+                    raise InferenceError(f"model {self.name} is shutting down")
+                self._pending.append(request)
+                self._pending_rows += len(items)
+                self._cond.notify_all()
+            if not request.done.wait(timeout):
+                raise InferenceError(f"model {self.name}: no result within {timeout:.0f}s")
+        if request.error is not None:
+            raise request.error
+        return request.outputs
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # -- the batching thread ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        wait_s = self.limits.max_wait_ms / 1000
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    for request in self._pending:
+                        self._fail(request, InferenceError(f"model {self.name} is shutting down"))
+                    return
+                deadline = time.monotonic() + wait_s
+                while (
+                    self._pending_rows < self.limits.max_batch_size
+                    and len(self._pending) < self._active
+                    and (left := deadline - time.monotonic()) > 0
+                ):
+                    self._cond.wait(left)
+                taken, self._pending, self._pending_rows = self._pending, [], 0
+            try:
+                self._execute(taken)
+            except BaseException as exc:  # never let the thread die with requests waiting
+                log.exception("batcher.crashed", model=self.name)
+                for request in taken:
+                    if not request.done.is_set():
+                        self._fail(request, InferenceError(f"model {self.name}: {exc}"))
+
+    def _execute(self, requests: list[_Request]) -> None:
+        rows: list[tuple[_Request, int]] = [(r, i) for r in requests for i in range(len(r.items))]
+        lengths = [len(r.items[i]["input_ids"]) for r, i in rows]
+        for batch in plan_batches(lengths, self.limits):
+            self._run_batch([rows[k] for k in batch])
+
+    def _run_batch(self, rows: list[tuple[_Request, int]]) -> None:
+        live = [(r, i) for r, i in rows if r.error is None]
+        if not live:
+            return
+        lengths = [len(r.items[i]["input_ids"]) for r, i in live]
+        try:
+            outputs = self._forward([r.items[i] for r, i in live])
+        except Exception as exc:
+            if len(live) > 1 and _is_out_of_memory(exc):
+                # recover by halving the batch; the halves share nothing but the cache
+                self.stats.splits += 1
+                half = len(live) // 2
+                log.warning("batcher.oom_split", model=self.name, rows=len(live))
+                _empty_cache()
+                self._run_batch(live[:half])
+                self._run_batch(live[half:])
+                return
+            log.exception("batcher.forward_failed", model=self.name, rows=len(live))
+            error = InferenceError(f"model {self.name}: inference failed: {type(exc).__name__}: {exc}")
+            for request in {id(r): r for r, _ in live}.values():
+                self._fail(request, error)
+            return
+        self.stats.batches += 1
+        self.stats.rows += len(live)
+        self.stats.tokens += sum(lengths)
+        self.stats.padded_tokens += len(live) * max(lengths)
+        for (request, index), output in zip(live, outputs):
+            request.outputs[index] = output
+            request.remaining -= 1
+            if request.remaining == 0:
+                request.done.set()
+
+    @staticmethod
+    def _fail(request: _Request, error: BaseException) -> None:
+        request.error = error
+        request.done.set()
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

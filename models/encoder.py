@@ -1,0 +1,260 @@
+"""Encoder runtime: embeddings, cross-encoder reranking, classification and NER.
+
+One class serves every encoder task; the registry's ``task`` picks the AutoModel class
+and the single capability it declares. Requests tokenize in their own thread and share
+forward passes through the model's :class:`~models.batcher.DynamicBatcher`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
+
+from models.base import CLASSIFY, EMBED, NER, RERANK
+from models.batcher import BatchLimits, DynamicBatcher, Features
+from models.device import flash_attention_available, resolve_dtype
+from models.ner import aggregate_simple
+from models.pooling import PoolingConfig, pool, read_pooling_config
+
+log = structlog.get_logger(__name__)
+
+_MODEL_CLASSES = {
+    EMBED: AutoModel,
+    RERANK: AutoModelForSequenceClassification,
+    CLASSIFY: AutoModelForSequenceClassification,
+    NER: AutoModelForTokenClassification,
+}
+_UNBOUNDED = 1_000_000  # tokenizers without a limit report ~1e30 as model_max_length
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    task: str
+    source: str
+    device: str
+    dtype: str = "auto"
+    max_length: int | None = None
+    trust_remote_code: bool = True
+    revision: str | None = None
+    request_timeout: float = 60.0
+
+
+class EncoderRuntime:
+    def __init__(self, alias: str, options: EncoderOptions, limits: BatchLimits) -> None:
+        if options.task not in _MODEL_CLASSES:
+            raise ValueError(f"task: the encoder runtime does not serve {options.task!r}")
+        self.alias = alias
+        self.options = options
+        self.capabilities = frozenset({options.task})
+        self.device = options.device
+        self._limits = limits
+        self.batcher: DynamicBatcher | None = None
+        self.pooling: PoolingConfig | None = None
+        self.max_length = 512
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def load(self) -> None:
+        opts = self.options
+        common: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "revision": opts.revision}
+        # config first: it tells the max length and the labels before any weights load
+        config = AutoConfig.from_pretrained(opts.source, **common)
+        self.tokenizer = AutoTokenizer.from_pretrained(opts.source, use_fast=True, **common)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"source: {opts.source} has no fast tokenizer (offsets and batching need one)")
+        if opts.task == EMBED:
+            self.pooling = read_pooling_config(opts.source)
+        self.max_length = self._detect_max_length(config)
+        model_kwargs: dict[str, Any] = {"dtype": resolve_dtype(opts.dtype, self.device), **common}
+        if flash_attention_available(self.device):
+            model_kwargs["attn_implementation"] = "flash_attention_2"
+        self.model = _MODEL_CLASSES[opts.task].from_pretrained(opts.source, config=config, **model_kwargs)
+        self.model.to(self.device)
+        self.model.eval()
+        self.config = self.model.config
+        self.id2label = {int(k): v for k, v in getattr(self.config, "id2label", {}).items()}
+        if opts.task == RERANK and self.config.num_labels != 1:
+            raise ValueError(f"task: a rerank model needs one output logit, {opts.source} has {self.config.num_labels}")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.batcher = DynamicBatcher(self.alias, self._forward, self._limits)
+
+    def warmup(self) -> None:
+        sample = "The quick brown fox jumps over the lazy dog."
+        if self.options.task == EMBED:
+            self.embed([sample], normalize=True)
+        elif self.options.task == RERANK:
+            self.rerank("fox", [sample])
+        elif self.options.task == CLASSIFY:
+            self.classify([sample])
+        else:
+            self.ner([sample])
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.options.task, "max_length": self.max_length, "dtype": str(self.model.dtype)}
+
+    def _detect_max_length(self, config: Any) -> int:
+        if self.options.max_length:
+            return self.options.max_length
+        if self.pooling is not None and self.pooling.max_seq_length:
+            return int(self.pooling.max_seq_length)  # what SentenceTransformer truncates to
+        limits = [
+            int(v)
+            for v in (
+                getattr(config, "max_position_embeddings", None),
+                getattr(config, "max_seq_length", None),
+                getattr(config, "n_positions", None),
+                getattr(self.tokenizer, "model_max_length", None),
+            )
+            if v and 0 < int(v) < _UNBOUNDED
+        ]
+        # RoBERTa-style configs count the padding offset in max_position_embeddings; the
+        # tokenizer's limit is the usable one, hence the minimum
+        return min(limits) if limits else 512
+
+    # -- capabilities -------------------------------------------------------------------
+
+    def embed(self, texts: Sequence[str], normalize: bool = True) -> tuple[list[list[float]], int]:
+        with self._session():
+            items = self._tokenize(texts)
+            rows = self._run(items)
+        vectors = torch.stack(rows)
+        if normalize or (self.pooling is not None and self.pooling.normalize):
+            vectors = F.normalize(vectors, p=2, dim=1)
+        return vectors.tolist(), _count(items)
+
+    def rerank(self, query: str, documents: Sequence[str]) -> tuple[list[float], int]:
+        with self._session():
+            items = self._tokenize_pairs(query, documents)
+            rows = self._run(items)
+        logits = torch.stack(rows)[:, 0]
+        return torch.sigmoid(logits).tolist(), _count(items)
+
+    def classify(self, texts: Sequence[str]) -> tuple[list[list[tuple[str, float]]], int]:
+        """Every label with its probability, best first, for each text."""
+        with self._session():
+            items = self._tokenize(texts)
+            rows = self._run(items)
+        logits = torch.stack(rows)
+        multi_label = self.config.problem_type == "multi_label_classification" or self.config.num_labels == 1
+        probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
+        results = []
+        for row in probs.tolist():
+            ranked = sorted(enumerate(row), key=lambda p: p[1], reverse=True)
+            results.append([(self.id2label.get(i, f"LABEL_{i}"), score) for i, score in ranked])
+        return results, _count(items)
+
+    def ner(self, texts: Sequence[str]) -> tuple[list[list[dict[str, Any]]], int]:
+        with self._session():
+            encoded = self.tokenizer(
+                list(texts),
+                truncation=True,
+                max_length=self.max_length,
+                return_offsets_mapping=True,
+                return_special_tokens_mask=True,
+                return_attention_mask=False,
+                return_token_type_ids=self.uses_token_types,
+            )
+            # offsets and the special-token mask stay here; only ids go to the model
+            offsets = encoded.pop("offset_mapping")
+            special = encoded.pop("special_tokens_mask")
+            items = _split_features(encoded)
+            rows = self._run(items)
+        entities = []
+        for text, logits, offs, spec in zip(texts, rows, offsets, special):
+            probs = _softmax(logits.numpy())
+            entities.append(aggregate_simple(text, probs, offs, spec, self.id2label))
+        return entities, _count(items)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _session(self):  # noqa: ANN202
+        assert self.batcher is not None, "load() first"
+        return self.batcher.session()
+
+    def _run(self, items: list[Features]) -> list[torch.Tensor]:
+        assert self.batcher is not None
+        return self.batcher.run(items, timeout=self.options.request_timeout)
+
+    def _tokenize(self, texts: Sequence[str]) -> list[Features]:
+        encoded = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_length,
+            return_attention_mask=False,
+            return_token_type_ids=self.uses_token_types,
+        )
+        return _split_features(encoded)
+
+    def _tokenize_pairs(self, query: str, documents: Sequence[str]) -> list[Features]:
+        queries = [query] * len(documents)
+        kwargs = dict(max_length=self.max_length, return_attention_mask=False, return_token_type_ids=self.uses_token_types)
+        try:
+            # cut the document, never the query
+            encoded = self.tokenizer(queries, list(documents), truncation="only_second", **kwargs)
+        except Exception:
+            # the query alone is longer than the limit: cut both, longest first
+            encoded = self.tokenizer(queries, list(documents), truncation="longest_first", **kwargs)
+        return _split_features(encoded)
+
+    def _collate(self, items: Sequence[Features]) -> dict[str, torch.Tensor]:
+        n, width = len(items), max(len(it["input_ids"]) for it in items)
+        input_ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        types = np.zeros((n, width), dtype=np.int64) if self.uses_token_types else None
+        for row, item in enumerate(items):
+            k = len(item["input_ids"])
+            input_ids[row, :k] = item["input_ids"]
+            mask[row, :k] = 1
+            if types is not None and "token_type_ids" in item:
+                types[row, :k] = item["token_type_ids"]
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if types is not None:
+            batch["token_type_ids"] = torch.from_numpy(types)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def _forward(self, items: Sequence[Features]) -> list[torch.Tensor]:
+        batch = self._collate(items)
+        output = self.model(**batch)
+        task = self.options.task
+        if task == EMBED:
+            assert self.pooling is not None
+            pooled = pool(self.pooling, output[0], batch["attention_mask"])
+            return list(pooled.float().cpu())
+        logits = output.logits.float().cpu()
+        if task == NER:
+            return [logits[r, : len(item["input_ids"])] for r, item in enumerate(items)]
+        return list(logits)
+
+
+def _split_features(encoded: Any) -> list[Features]:
+    keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
+    return [{k: encoded[k][i] for k in keys} for i in range(len(encoded["input_ids"]))]
+
+
+def _count(items: Sequence[Features]) -> int:
+    return sum(len(it["input_ids"]) for it in items)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+

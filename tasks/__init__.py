@@ -1,0 +1,1 @@
+"""Thin Celery tasks: validate the request, find the runtime, shape the response."""

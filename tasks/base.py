@@ -1,0 +1,74 @@
+"""What every task shares: the error edge, bound log context, timing.
+
+A task body is ``serve(self, kind, schema, args, kwargs, handler)``: the request is
+validated (``InvalidRequest`` names the field and is never retried), the handler finds
+its runtime and calls it, and anything unexpected becomes ``InferenceError`` here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import structlog
+from celery import Task
+
+from models.errors import InferenceError, InvalidRequest, TransientError, WorkerError
+from tasks.schemas import Limits, Request, parse
+
+log = structlog.get_logger("tasks")
+R = TypeVar("R", bound=Request)
+
+
+class InferenceTask(Task):
+    throws = (InvalidRequest,)  # expected: logged without a traceback
+    autoretry_for = (TransientError,)
+    retry_backoff = True
+    max_retries = 3
+    typing = False  # arguments are checked by the request schema, with better messages
+    _limits: Limits | None = None
+
+    def limits(self) -> Limits:
+        if self._limits is None:
+            settings = self.app.settings
+            type(self)._limits = Limits(max_items=settings.max_items, max_text_chars=settings.max_text_chars)
+        return self._limits  # type: ignore[return-value]
+
+
+def serve(
+    task: InferenceTask,
+    kind: str,
+    schema: type[R],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    handler: Callable[[R], dict[str, Any]],
+) -> dict[str, Any]:
+    request = task.request
+    model = kwargs.get("model")
+    structlog.contextvars.bind_contextvars(
+        task_id=request.id,
+        task=kind,
+        model=model if isinstance(model, str) else None,
+        queue=(request.delivery_info or {}).get("routing_key"),
+    )
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        if args:
+            raise InvalidRequest(f"{kind} takes keyword arguments only; got {len(args)} positional argument(s)")
+        result = handler(parse(schema, kwargs, task.limits()))
+        outcome = "ok"
+        return result
+    except InvalidRequest as exc:
+        outcome = "invalid"
+        log.info("task.rejected", error=str(exc))
+        raise
+    except WorkerError:
+        raise
+    except Exception as exc:
+        log.exception("task.failed")
+        raise InferenceError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        log.info("task.done", outcome=outcome, duration_ms=round((time.perf_counter() - started) * 1000, 2))
+        structlog.contextvars.clear_contextvars()

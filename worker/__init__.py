@@ -1,0 +1,8 @@
+"""The Celery side of the worker fleet: ``celery -A worker worker`` starts one."""
+
+from worker import lifecycle as _lifecycle  # noqa: F401  (connects the signals)
+from worker.celery_app import app
+
+celery = app
+
+__all__ = ["app", "celery"]

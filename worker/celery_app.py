@@ -1,0 +1,74 @@
+"""The Celery application that ``celery -A worker worker`` starts.
+
+The app reads no settings at import: the first time Celery asks for its configuration,
+``_configure`` loads and validates :class:`~worker.settings.WorkerSettings` and turns it
+into Celery's settings. A bad configuration stops the worker there, naming the problem.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from worker.settings import ConfigError, WorkerSettings, load_settings
+
+TASK_MODULES = ["tasks.encoders"]
+
+app = Celery("worker", include=TASK_MODULES)
+app.settings = None  # type: ignore[attr-defined]  # set by _configure
+
+
+def celery_config(settings: WorkerSettings) -> dict[str, Any]:
+    queues = []
+    for alias in settings.hosted:
+        name = settings.queue_of(alias)
+        if name not in {q.name for q in queues}:
+            queues.append(Queue(name, routing_key=name))
+    assert settings.visibility_timeout is not None
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        # JSON only: anything else (pickle above all) is refused before it is decoded
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "worker_pool": settings.pool,
+        "worker_concurrency": settings.concurrency,
+        # one message at a time per free thread; late acks so a crash redelivers
+        "worker_prefetch_multiplier": 1,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "result_expires": settings.result_expires,
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "task_queues": queues,
+        "task_default_queue": queues[0].name,
+        "task_create_missing_queues": False,
+        "task_track_started": True,
+        "task_annotations": {
+            kind: {"time_limit": limit, "soft_time_limit": limit * 0.95}
+            for kind, limit in settings.time_limits.items()
+        },
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"worker: {exc}") from None
+    sender.settings = settings  # type: ignore[attr-defined]
+    sender.config_from_object(celery_config(settings))
+
+
+def current_settings() -> WorkerSettings:
+    _ = app.conf.broker_url  # forces _configure
+    return app.settings  # type: ignore[attr-defined,return-value]

