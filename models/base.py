@@ -41,3 +41,9 @@ class Runtime(Protocol):
 
     def close(self) -> None:
         """Release threads and memory."""
+
+    def describe(self) -> dict[str, Any]:
+        """Static facts for the start-up log (max length, dtype, context size)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start, for ``celery inspect model_stats``."""

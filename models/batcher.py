@@ -26,6 +26,7 @@ import structlog
 from models.errors import InferenceError
 
 log = structlog.get_logger(__name__)
+STATS_LOG_INTERVAL_S = 60.0
 
 Features = dict[str, list[int]]
 """One tokenized sequence: ``input_ids`` and any other per-token fields."""
@@ -53,11 +54,22 @@ class _Request:
 
 @dataclass
 class BatchStats:
+    """Counters since start: operators read them with ``celery inspect model_stats``."""
+
+    requests: int = 0
     batches: int = 0
     rows: int = 0
     tokens: int = 0
     padded_tokens: int = 0
     splits: int = 0
+    forward_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = dict(self.__dict__)
+        out["rows_per_batch"] = round(self.rows / self.batches, 2) if self.batches else 0.0
+        out["padding_efficiency"] = round(self.tokens / self.padded_tokens, 3) if self.padded_tokens else 1.0
+        out["forward_s"] = round(self.forward_s, 3)
+        return out
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -97,6 +109,7 @@ class DynamicBatcher:
         self._active = 0  # requests that entered the model and may submit soon
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._last_log = time.monotonic()
         if limits.enabled:
             self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
             self._thread.start()
@@ -118,6 +131,7 @@ class DynamicBatcher:
         if not items:
             return []
         request = _Request(items=items, outputs=[None] * len(items), remaining=len(items))
+        self.stats.requests += 1
         if self._thread is None:
             self._execute([request])
         else:
@@ -167,6 +181,9 @@ class DynamicBatcher:
                 for request in taken:
                     if not request.done.is_set():
                         self._fail(request, InferenceError(f"model {self.name}: {exc}"))
+            if time.monotonic() - self._last_log >= STATS_LOG_INTERVAL_S:
+                self._last_log = time.monotonic()
+                log.info("batcher.stats", model=self.name, **self.stats.as_dict())
 
     def _execute(self, requests: list[_Request]) -> None:
         rows: list[tuple[_Request, int]] = [(r, i) for r in requests for i in range(len(r.items))]
@@ -179,6 +196,7 @@ class DynamicBatcher:
         if not live:
             return
         lengths = [len(r.items[i]["input_ids"]) for r, i in live]
+        started = time.perf_counter()
         try:
             outputs = self._forward([r.items[i] for r, i in live])
         except Exception as exc:
@@ -196,6 +214,7 @@ class DynamicBatcher:
             for request in {id(r): r for r, _ in live}.values():
                 self._fail(request, error)
             return
+        self.stats.forward_s += time.perf_counter() - started
         self.stats.batches += 1
         self.stats.rows += len(live)
         self.stats.tokens += sum(lengths)

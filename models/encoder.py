@@ -107,6 +107,9 @@ class EncoderRuntime:
         if self.batcher is not None:
             self.batcher.close()
 
+    def stats(self) -> dict[str, Any]:
+        return self.batcher.stats.as_dict() if self.batcher is not None else {}
+
     def describe(self) -> dict[str, Any]:
         return {"task": self.options.task, "max_length": self.max_length, "dtype": str(self.model.dtype)}
 

@@ -37,6 +37,9 @@ class RuntimeRegistry:
             )
         return runtime
 
+    def stats(self) -> dict[str, dict]:
+        return {alias: runtime.stats() for alias, runtime in self._runtimes.items()}
+
     def aliases(self) -> list[str]:
         return sorted(self._runtimes)
 

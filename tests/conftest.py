@@ -178,3 +178,24 @@ def failure(producer: Celery, task: str, queue: str, timeout: float = RESULT_TIM
     with pytest.raises(Exception) as info:
         result.get(timeout=timeout)
     return info.value
+
+
+@pytest.fixture(scope="session")
+def test_models(minilm_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from tests.model_builders import build_test_models
+
+    return build_test_models(minilm_path, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def encoder_worker(start_worker: Any, minilm_path: str, test_models: dict[str, str]) -> WorkerProcess:
+    models = {
+        "minilm": {"task": "embed", "source": minilm_path},
+        "reranker": {"task": "rerank", "source": test_models["reranker"]},
+        "ner": {"task": "ner", "source": test_models["ner"]},
+        "sentiment": {"task": "classify", "source": test_models["sentiment"]},
+        "topics": {"task": "classify", "source": test_models["topics"]},
+    }
+    for alias, spec in models.items():
+        spec["queue"] = queue_name(f"enc-{alias}")
+    return start_worker("encoders", models, concurrency=32)

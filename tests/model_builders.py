@@ -1,0 +1,67 @@
+"""Small test models built from the bundled MiniLM: its encoder weights and tokenizer,
+with task heads initialised from a fixed seed. Real weights, real tokenizer, real heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "MISC"]  # MISC: a plain label, no B-/I-
+SENTIMENT_LABELS = ["negative", "neutral", "positive"]
+TOPIC_LABELS = ["sports", "politics", "science", "art"]
+
+
+def _save(model, tokenizer, path: Path) -> str:  # noqa: ANN001
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def build_test_models(minilm_path: str, out: Path) -> dict[str, str]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    paths: dict[str, str] = {}
+
+    def head_init(model, std: float) -> None:  # noqa: ANN001
+        head = model.classifier
+        with torch.no_grad():
+            head.weight.normal_(0.0, std)
+            head.bias.normal_(0.0, std / 4)
+
+    torch.manual_seed(1234)
+    reranker = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=1)
+    head_init(reranker, 2.0)
+    paths["reranker"] = _save(reranker, tokenizer, out / "reranker")
+
+    torch.manual_seed(1235)
+    ner = AutoModelForTokenClassification.from_pretrained(
+        minilm_path,
+        num_labels=len(NER_LABELS),
+        id2label=dict(enumerate(NER_LABELS)),
+        label2id={label: i for i, label in enumerate(NER_LABELS)},
+    )
+    head_init(ner, 3.0)  # wide enough that labels change from token to token
+    paths["ner"] = _save(ner, tokenizer, out / "ner")
+
+    torch.manual_seed(1236)
+    sentiment = AutoModelForSequenceClassification.from_pretrained(
+        minilm_path,
+        num_labels=3,
+        id2label=dict(enumerate(SENTIMENT_LABELS)),
+        label2id={label: i for i, label in enumerate(SENTIMENT_LABELS)},
+    )
+    head_init(sentiment, 2.0)
+    paths["sentiment"] = _save(sentiment, tokenizer, out / "sentiment")
+
+    torch.manual_seed(1237)
+    topics = AutoModelForSequenceClassification.from_pretrained(
+        minilm_path,
+        num_labels=4,
+        id2label=dict(enumerate(TOPIC_LABELS)),
+        label2id={label: i for i, label in enumerate(TOPIC_LABELS)},
+        problem_type="multi_label_classification",
+    )
+    head_init(topics, 2.0)
+    paths["topics"] = _save(topics, tokenizer, out / "topics")
+    return paths
