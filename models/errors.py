@@ -28,3 +28,7 @@ class TransientError(WorkerError):
 
 class Cancelled(WorkerError):
     """Raised inside a runtime to unwind a cancelled request."""
+
+
+class TimeLimitReached(InferenceError):
+    """The task ran past its kind's time limit and was stopped."""

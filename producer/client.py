@@ -12,19 +12,22 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
 
-from models.errors import InferenceError, InvalidRequest, TransientError, WorkerError
+from models.errors import InferenceError, InvalidRequest, TimeLimitReached, TransientError, WorkerError
+from producer.streams import STREAM_PREFIX, aread_stream, read_stream
 
 RESULT_PREFIX = "celery-task-meta-"
 _KNOWN_ERRORS: dict[str, type[Exception]] = {
     "InvalidRequest": InvalidRequest,
     "InferenceError": InferenceError,
     "TransientError": TransientError,
+    "TimeLimitReached": TimeLimitReached,
 }
 DEFAULT_TIMEOUTS = {"embed": 60.0, "rerank": 60.0, "ner": 60.0, "classify": 60.0, "generate": 600.0}
 
@@ -154,6 +157,66 @@ class InferenceClient:
 
     async def aclassify(self, model: str, input: str | list[str], **opts: Any) -> dict[str, Any]:
         return await self.acall("classify", model=model, input=input, **opts)
+
+    def generate(self, model: str, **opts: Any) -> dict[str, Any]:
+        return self.call("generate", model=model, **opts)
+
+    async def agenerate(self, model: str, **opts: Any) -> dict[str, Any]:
+        return await self.acall("generate", model=model, **opts)
+
+    # -- streaming and cancellation -----------------------------------------------------
+
+    def stream_generate(
+        self, model: str, *, queue: str | None = None, timeout: float | None = None, task_id: str | None = None, **opts: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Send ``generate(stream=True)`` and yield its stream messages (token..., end|error).
+
+        Subscribes before sending, so nothing is missed; the task id is in every message.
+        """
+        task_id = task_id or str(uuid.uuid4())
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(STREAM_PREFIX + task_id)
+        try:
+            self.send("generate", model=model, queue=queue, task_id=task_id, stream=True, **opts)
+            yield from read_stream(
+                self._redis, task_id, timeout=timeout or self.timeouts["generate"], pubsub=pubsub
+            )
+        finally:
+            pubsub.close()
+
+    async def astream_generate(
+        self, model: str, *, queue: str | None = None, timeout: float | None = None, task_id: str | None = None, **opts: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        task_id = task_id or str(uuid.uuid4())
+        client = self._async_redis()
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(STREAM_PREFIX + task_id)
+        try:
+            await self.asend("generate", model=model, queue=queue, task_id=task_id, stream=True, **opts)
+            async for message in aread_stream(
+                client, task_id, timeout=timeout or self.timeouts["generate"], pubsub=pubsub
+            ):
+                yield message
+        finally:
+            await pubsub.aclose()
+
+    def read_stream(self, task_id: str, after_seq: int = -1, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Replay and follow a stream, for a reader that came late or reconnects."""
+        return read_stream(self._redis, task_id, after_seq=after_seq, timeout=timeout or self.timeouts["generate"])
+
+    def aread_stream(self, task_id: str, after_seq: int = -1, timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        return aread_stream(
+            self._async_redis(), task_id, after_seq=after_seq, timeout=timeout or self.timeouts["generate"]
+        )
+
+    def cancel(self, task_id: str, ttl: int = 3600) -> None:
+        """Stop a running generation (or keep a queued one from starting): CONTRACT §5."""
+        self._redis.set("cancel:" + task_id, "1", ex=ttl)
+        self.celery.control.revoke(task_id)
+
+    async def acancel(self, task_id: str, ttl: int = 3600) -> None:
+        await self._async_redis().set("cancel:" + task_id, "1", ex=ttl)
+        await asyncio.to_thread(self.celery.control.revoke, task_id)
 
     def _async_redis(self) -> aioredis.Redis:
         if self._aredis is None:

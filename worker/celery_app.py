@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from worker.settings import ConfigError, WorkerSettings, load_settings
 
-TASK_MODULES = ["tasks.encoders"]
+TASK_MODULES = ["tasks.encoders", "tasks.generate"]
 
 app = Celery("worker", include=TASK_MODULES)
 app.settings = None  # type: ignore[attr-defined]  # set by _configure
@@ -25,7 +25,7 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
     for alias in settings.hosted:
         name = settings.queue_of(alias)
         if name not in {q.name for q in queues}:
-            queues.append(Queue(name, routing_key=name))
+            queues.append(Queue(name, Exchange(name, type="direct"), routing_key=name))
     assert settings.visibility_timeout is not None
     return {
         "broker_url": settings.redis_url,

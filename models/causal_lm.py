@@ -1,0 +1,197 @@
+"""Transformers causal LMs (``AutoModelForCausalLM``).
+
+``model.generate`` runs in its own thread and hands text to a ``TextIteratorStreamer``;
+the request's thread reads the streamer, cuts stop strings, and publishes pieces. A
+stopping criterion polls for cancellation and the deadline between tokens. Greedy
+decoding (``temperature=0``) is ``generate(do_sample=False)``: the text equals what the
+library gives directly for the same prompt.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from models.base import GENERATE
+from models.device import flash_attention_available, resolve_dtype
+from models.errors import InferenceError, TimeLimitReached
+from models.generation import GenerationControl, GenerationParams, GenerationResult, StopScanner, check_context
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class CausalLMOptions:
+    source: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_length: int | None = None
+    trust_remote_code: bool = True
+    revision: str | None = None
+    gguf_file: str | None = None
+
+
+def fallback_chat_prompt(messages: list[dict[str, str]]) -> str:
+    """The plain ``role: content`` layout for a tokenizer without a chat template."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+
+
+class _Halt(StoppingCriteria):
+    """Stops ``generate`` when asked: cancellation, a stop string, or the deadline."""
+
+    def __init__(self, control: GenerationControl) -> None:
+        self.control = control
+        self.reason: str | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.reason is None:
+            if self.control.should_stop():
+                self.reason = "cancelled"
+            elif time.monotonic() > self.control.deadline:
+                self.reason = "deadline"
+        return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool, device=input_ids.device)
+
+
+class CausalLMRuntime:
+    def __init__(self, alias: str, options: CausalLMOptions) -> None:
+        self.alias = alias
+        self.options = options
+        self.capabilities = frozenset({GENERATE})
+        self.device = options.device
+
+    def load(self) -> None:
+        opts = self.options
+        common: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "revision": opts.revision}
+        if opts.gguf_file:
+            common["gguf_file"] = opts.gguf_file
+        config = AutoConfig.from_pretrained(opts.source, **common)
+        self.context = opts.max_length or next(
+            (int(v) for v in (getattr(config, a, None) for a in ("max_position_embeddings", "n_positions")) if v),
+            2048,
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(opts.source, **common)
+        model_kwargs: dict[str, Any] = {"dtype": resolve_dtype(opts.dtype, self.device), **common}
+        if flash_attention_available(self.device):
+            model_kwargs["attn_implementation"] = "flash_attention_2"
+        self.model = AutoModelForCausalLM.from_pretrained(opts.source, config=config, **model_kwargs)
+        self.model.to(self.device)
+        self.model.eval()
+        self.pad_token_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
+
+    def warmup(self) -> None:
+        self.generate(GenerationParams(prompt="Hello", max_tokens=2, temperature=0.0), GenerationControl())
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"context": self.context, "dtype": str(self.model.dtype), "chat_template": self.has_chat_template}
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render(self, params: GenerationParams) -> tuple[str, bool]:
+        """The prompt text, and whether the tokenizer should add its special tokens."""
+        if params.prompt is not None:
+            return params.prompt, True
+        assert params.messages is not None
+        if self.has_chat_template:
+            text = self.tokenizer.apply_chat_template(params.messages, tokenize=False, add_generation_prompt=True)
+            return text, False  # the template already holds BOS and friends
+        return fallback_chat_prompt(params.messages), True
+
+    def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult:
+        text, add_special = self.render(params)
+        encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
+        # a causal LM takes ids and mask only (a BERT-style tokenizer also gives token types)
+        inputs = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask") if k in encoded}
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        check_context(prompt_tokens, params.max_tokens, self.context)
+
+        halt = _Halt(control)
+        scanner = StopScanner(params.stop)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60.0)
+        sampling: dict[str, Any] = {"do_sample": False}
+        if params.temperature > 0:
+            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or 0}
+        kwargs = {
+            **inputs,
+            **sampling,
+            "max_new_tokens": params.max_tokens,
+            "pad_token_id": self.pad_token_id,
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([halt]),
+        }
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                with torch.inference_mode():
+                    outcome["sequences"] = self.model.generate(**kwargs)
+            except BaseException as exc:  # handed to the request's thread below
+                outcome["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=run, name=f"generate-{self.alias}", daemon=True)
+        thread.start()
+        pieces: list[str] = []
+        try:
+            for piece in streamer:
+                safe = scanner.feed(piece)
+                if safe:
+                    pieces.append(safe)
+                    if control.on_text is not None:
+                        control.on_text(safe)
+                if scanner.stopped and halt.reason is None:
+                    halt.reason = "stop"
+        finally:
+            thread.join()
+        if "error" in outcome:
+            raise InferenceError(f"generate failed: {type(outcome['error']).__name__}: {outcome['error']}")
+        tail = scanner.flush()
+        if tail:
+            pieces.append(tail)
+            if control.on_text is not None:
+                control.on_text(tail)
+        if halt.reason == "deadline":
+            raise TimeLimitReached("generate: time limit reached")
+
+        new_tokens = outcome["sequences"][0, prompt_tokens:]
+        completion_tokens = int(new_tokens.shape[0])
+        if halt.reason in ("cancelled", "stop"):
+            finish_reason = halt.reason
+        else:
+            eos_ids = self._eos_ids()
+            ended = completion_tokens > 0 and int(new_tokens[-1]) in eos_ids
+            finish_reason = "stop" if ended or completion_tokens < params.max_tokens else "length"
+            if ended:
+                completion_tokens -= 1
+        return GenerationResult("".join(pieces), finish_reason, prompt_tokens, completion_tokens)
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids

@@ -1,0 +1,197 @@
+"""GGUF models through llama-cpp-python.
+
+Chats go through ``Llama.create_chat_completion`` (the template in the GGUF metadata,
+llama-cpp's own fallback where there is none) and raw prompts through
+``create_completion``, both streamed, so the text is what llama-cpp gives directly for
+the same settings. One ``Llama`` context serves one generation at a time: a lock
+serialises concurrent requests on a model.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from models.base import GENERATE
+from models.errors import InvalidRequest, TimeLimitReached
+from models.generation import GenerationControl, GenerationParams, GenerationResult, StopScanner, check_context
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class GGUFOptions:
+    path: str
+    device: str = "cpu"
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+
+
+def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
+    """The contract's sampling settings as llama-cpp arguments, with its extras turned off.
+
+    Stop strings are not passed: the runtime cuts them itself (as llama-cpp would, before
+    the first match) so it knows whether the model ended with its own end-of-text token.
+    """
+    return {
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,  # 0: greedy
+        "top_p": params.top_p,
+        "top_k": params.top_k or 0,  # 0 disables top-k in llama.cpp
+        "min_p": 0.0,
+        "repeat_penalty": 1.0,
+        "seed": params.seed,
+    }
+
+
+class GGUFRuntime:
+    def __init__(self, alias: str, options: GGUFOptions) -> None:
+        self.alias = alias
+        self.options = options
+        self.capabilities = frozenset({GENERATE})
+        self._lock = threading.Lock()
+        self._formatter: Any = None
+
+    def load(self) -> None:
+        from llama_cpp import Llama
+
+        opts = self.options
+        n_gpu_layers = opts.n_gpu_layers
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if opts.device != "cpu" else 0  # every layer on a GPU, none on the CPU
+        self.llm = Llama(
+            model_path=opts.path,
+            n_ctx=opts.n_ctx,
+            n_batch=opts.n_batch,
+            n_threads=opts.n_threads or os.cpu_count(),
+            n_gpu_layers=n_gpu_layers,
+            main_gpu=int(opts.device.split(":", 1)[1]) if opts.device.startswith("cuda:") else 0,
+            verbose=False,
+        )
+        self.n_ctx = self.llm.n_ctx()
+        self._formatter = self._template_formatter()
+
+    def warmup(self) -> None:
+        self.generate(GenerationParams(prompt="Hello", max_tokens=2, temperature=0.0), GenerationControl())
+
+    def close(self) -> None:
+        with self._lock:
+            llm = getattr(self, "llm", None)
+            if llm is not None:
+                llm.close()
+                self.llm = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"n_ctx": self.n_ctx, "chat_format": self.llm.chat_format, "path": self.options.path}
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def _template_formatter(self) -> Any:
+        """The Jinja formatter llama-cpp builds from the GGUF template, to count prompt tokens."""
+        from llama_cpp import llama_chat_format
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if self.llm.chat_format != "chat_template.default" or not template:
+            return None
+        model = self.llm._model
+        eos, bos = self.llm.token_eos(), self.llm.token_bos()
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
+
+    def count_prompt_tokens(self, params: GenerationParams) -> int:
+        if params.prompt is not None:
+            return len(self.llm.tokenize(params.prompt.encode("utf-8"), add_bos=True, special=True))
+        assert params.messages is not None
+        if self._formatter is not None:
+            rendered = self._formatter(messages=params.messages)
+            tokens = self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+            return len(tokens)
+        # a built-in chat format: count the contents, a lower bound llama-cpp re-checks
+        text = "\n".join(m["content"] for m in params.messages)
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+    def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult:
+        with self._lock:
+            if getattr(self, "llm", None) is None:
+                raise InvalidRequest(f"model: {self.alias} is shutting down")
+            estimate = self.count_prompt_tokens(params)
+            check_context(estimate, params.max_tokens, self.n_ctx)
+            steps = _StepCounter()
+            kwargs = {**sampling_kwargs(params), "logits_processor": [steps]}
+            try:
+                if params.messages is not None:
+                    chunks = self.llm.create_chat_completion(messages=params.messages, stream=True, **kwargs)
+                else:
+                    chunks = self.llm.create_completion(prompt=params.prompt, stream=True, **kwargs)
+                return self._consume(chunks, params, control, steps, estimate)
+            except ValueError as exc:
+                if steps.calls == 0:  # llama-cpp's own context check, before any token
+                    raise InvalidRequest(f"prompt/messages: {exc}") from None
+                raise
+
+    def _consume(
+        self, chunks: Any, params: GenerationParams, control: GenerationControl, steps: _StepCounter, estimate: int
+    ) -> GenerationResult:
+        pieces: list[str] = []
+        scanner = StopScanner(params.stop)
+        finish_reason = "length"
+        eos = False
+
+        def emit(text: str) -> None:
+            if text:
+                pieces.append(text)
+                if control.on_text is not None:
+                    control.on_text(text)
+
+        try:
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
+                if text:
+                    emit(scanner.feed(text))
+                    if scanner.stopped:
+                        finish_reason = "stop"
+                        break
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+                    eos = finish_reason == "stop"  # the model's end-of-text (or the template's stop)
+                    break
+                if control.should_stop():
+                    finish_reason = "cancelled"
+                    break
+                if time.monotonic() > control.deadline:
+                    raise TimeLimitReached(f"generate: time limit reached after {steps.calls} tokens")
+        finally:
+            chunks.close()  # ends llama-cpp's generator and frees the context for the next request
+        emit(scanner.flush())
+        # every sampled token passes the counter once; an end-of-text token is not part of the text
+        completion_tokens = max(0, steps.calls - (1 if eos else 0))
+        prompt_tokens = steps.prompt_tokens if steps.prompt_tokens is not None else estimate
+        return GenerationResult("".join(pieces), finish_reason, prompt_tokens, completion_tokens)
+
+
+class _StepCounter:
+    """A pass-through logits processor: llama-cpp calls it once per sampled token, and
+    the first call sees exactly the prompt's tokens."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.prompt_tokens: int | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.calls == 0:
+            self.prompt_tokens = len(input_ids)
+        self.calls += 1
+        return scores
