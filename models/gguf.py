@@ -32,6 +32,7 @@ class GGUFOptions:
     n_batch: int = 512
     n_threads: int | None = None
     n_gpu_layers: int | None = None
+    chat_format: str | None = None
 
 
 def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
@@ -73,6 +74,7 @@ class GGUFRuntime:
             n_threads=opts.n_threads or os.cpu_count(),
             n_gpu_layers=n_gpu_layers,
             main_gpu=int(opts.device.split(":", 1)[1]) if opts.device.startswith("cuda:") else 0,
+            chat_format=opts.chat_format,
             verbose=False,
         )
         self.n_ctx = self.llm.n_ctx()

