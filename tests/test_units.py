@@ -1,0 +1,244 @@
+"""Fast unit tests of the pieces under the integration tests: settings, batcher, stop
+strings, stream ordering. Fake forward functions stand in for models here only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from models.batcher import BatchLimits, DynamicBatcher, plan_batches
+from models.errors import InferenceError
+from models.generation import StopScanner, check_context
+from producer.streams import _Cursor
+
+# -- settings ----------------------------------------------------------------------------
+
+
+def _settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any]) -> Any:
+    from worker.settings import load_settings
+
+    path = tmp_path / "worker.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("WORKER_CONFIG", str(path))
+    return load_settings()
+
+
+def test_defaults_serve_the_bundled_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.settings import load_settings
+
+    monkeypatch.delenv("WORKER_CONFIG", raising=False)
+    settings = load_settings()
+    assert set(settings.hosted) == {"minilm", "gemma"}
+    assert settings.queue_of("minilm") == "minilm"
+    assert settings.models["gemma"].backend == "llama_cpp"
+    assert settings.visibility_timeout > max(settings.time_limits.values())
+
+
+def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_CONCURRENCY", "3")
+    monkeypatch.setenv("WORKER_SERVE", '["b"]')
+    settings = _settings(
+        tmp_path,
+        monkeypatch,
+        {"concurrency": 5, "models": {"a": {"task": "embed", "source": "x"}, "b": {"task": "ner", "source": "y", "queue": "q"}}},
+    )
+    assert settings.concurrency == 3
+    assert list(settings.hosted) == ["b"] and settings.queue_of("b") == "q"
+
+
+@pytest.mark.parametrize(
+    "config,needle",
+    [
+        ({"models": {"m": {"task": "summarize", "source": "x"}}}, "models.m.task"),
+        ({"models": {"m": {"task": "embed"}}}, "models.m.source"),
+        ({"models": {"m": {"task": "embed", "source": "x", "max_lenght": 5}}}, "models.m.max_lenght"),
+        ({"models": {"m": {"task": "embed", "source": "x.gguf"}}}, "llama_cpp serves only task 'generate'"),
+        ({"models": {}}, "registry is empty"),
+        ({"models": {"m": {"task": "embed", "source": "x"}}, "serve": ["n"]}, "serve"),
+        ({"models": {"m": {"task": "embed", "source": "x"}}, "device": "tpu"}, "device"),
+        ({"models": {"m": {"task": "embed", "source": "x"}}, "time_limits": {"generate": 100}, "visibility_timeout": 50}, "visibility_timeout"),
+        ({"models": {"m": {"task": "embed", "source": "x"}}, "concurrency": 0}, "concurrency"),
+        ({"modles": {}}, "modles"),
+    ],
+)
+def test_bad_registry_names_the_problem(config: dict[str, Any], needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="invalid worker configuration") as info:
+        _settings(tmp_path, monkeypatch, config)
+    assert needle in str(info.value)
+
+
+def test_a_bad_registry_stops_the_worker_at_boot(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"models": {"m": {"task": "embed", "source": "x", "batching": {"max_batch_size": 0}}}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={"PATH": "/usr/bin:/bin", "WORKER_CONFIG": str(path), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "models.m.batching.max_batch_size" in proc.stderr
+
+
+def test_a_model_that_fails_to_load_stops_the_worker(tmp_path: Path) -> None:
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump({"models": {"m": {"task": "embed", "source": str(tmp_path / "nowhere")}}, "device": "cpu"}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={"PATH": "/usr/bin:/bin", "WORKER_CONFIG": str(path), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stdout + proc.stderr
+
+
+# -- batcher -----------------------------------------------------------------------------
+
+
+def _items(lengths: list[int], tag: int = 0) -> list[dict[str, list[int]]]:
+    return [{"input_ids": [tag] * n} for n in lengths]
+
+
+class FakeForward:
+    """Echoes (tag, length) per row and records each batch's shape."""
+
+    def __init__(self, delay: float = 0.0, fail_above: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.fail_above = fail_above
+        self.lock = threading.Lock()
+
+    def __call__(self, items: Any) -> list[tuple[int, int]]:
+        if self.fail_above is not None and len(items) > self.fail_above:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        with self.lock:
+            self.batches.append([len(i["input_ids"]) for i in items])
+        time.sleep(self.delay)
+        return [(i["input_ids"][0] if i["input_ids"] else -1, len(i["input_ids"])) for i in items]
+
+
+def test_plan_batches_respects_rows_and_tokens() -> None:
+    lengths = [5, 100, 7, 50, 3, 90, 8, 60]
+    batches = plan_batches(lengths, BatchLimits(max_batch_size=3, max_batch_tokens=200))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) * max(lengths[i] for i in batch) <= 200 or len(batch) == 1
+    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+
+
+def test_results_come_back_in_request_order() -> None:
+    forward = FakeForward()
+    batcher = DynamicBatcher("t", forward, BatchLimits(max_batch_size=4, max_batch_tokens=1000))
+    lengths = [9, 1, 30, 4, 4, 17, 2, 8, 11, 5]
+    out = batcher.run(_items(lengths, tag=3), timeout=5)
+    assert out == [(3, n) for n in lengths]
+    assert all(len(b) <= 4 for b in forward.batches) and len(forward.batches) == 3
+    batcher.close()
+
+
+def test_concurrent_requests_share_forward_passes() -> None:
+    forward = FakeForward(delay=0.01)
+    batcher = DynamicBatcher("t", forward, BatchLimits(max_batch_size=64, max_batch_tokens=10_000, max_wait_ms=50))
+    results: dict[int, Any] = {}
+
+    def request(tag: int) -> None:
+        with batcher.session():
+            results[tag] = batcher.run(_items([tag + 1, tag + 2], tag=tag), timeout=5)
+
+    threads = [threading.Thread(target=request, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert results == {t: [(t, t + 1), (t, t + 2)] for t in range(16)}
+    assert len(forward.batches) < 16  # gathered across requests
+    assert batcher.stats.requests == 16 and batcher.stats.rows == 32
+    batcher.close()
+
+
+def test_lone_request_does_not_wait() -> None:
+    batcher = DynamicBatcher("t", FakeForward(), BatchLimits(max_wait_ms=500))
+    t0 = time.perf_counter()
+    with batcher.session():
+        batcher.run(_items([3]), timeout=5)
+    assert time.perf_counter() - t0 < 0.25  # far below max_wait_ms: nobody else was coming
+    batcher.close()
+
+
+def test_out_of_memory_splits_the_batch() -> None:
+    forward = FakeForward(fail_above=2)
+    batcher = DynamicBatcher("t", forward, BatchLimits(max_batch_size=8))
+    assert batcher.run(_items([4, 4, 4, 4, 4], tag=1), timeout=5) == [(1, 4)] * 5
+    assert batcher.stats.splits >= 1 and all(len(b) <= 2 for b in forward.batches)
+    batcher.close()
+
+
+def test_a_failing_forward_fails_the_request_with_inference_error() -> None:
+    def broken(items: Any) -> list[Any]:
+        raise ValueError("bad weights")
+
+    batcher = DynamicBatcher("t", broken, BatchLimits())
+    with pytest.raises(InferenceError, match="bad weights"):
+        batcher.run(_items([3]), timeout=5)
+    batcher.close()
+
+
+def test_unbatched_mode_runs_in_the_callers_thread() -> None:
+    forward = FakeForward()
+    batcher = DynamicBatcher("t", forward, BatchLimits(enabled=False, max_batch_size=2))
+    assert batcher.run(_items([1, 2, 3]), timeout=5) == [(0, 1), (0, 2), (0, 3)]
+    assert len(forward.batches) == 2
+
+
+# -- generation helpers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pieces,stops,text,stopped",
+    [
+        (["Hello", " wor", "ld"], None, "Hello world", False),
+        (["Hello", " wor", "ld. Bye"], ["."], "Hello world", True),
+        (["ab", "c<", "/s", ">tail"], ["</s>"], "abc", True),
+        (["ab", "c<", "/x"], ["</s>"], "abc</x", False),
+        (["x", "EN", "D"], ["END", "STOP"], "x", True),
+        (["na", "ï", "ve"], ["ïv"], "na", True),
+    ],
+)
+def test_stop_scanner(pieces: list[str], stops: list[str] | None, text: str, stopped: bool) -> None:
+    scanner = StopScanner(stops)
+    out = "".join(scanner.feed(p) for p in pieces) + scanner.flush()
+    assert out == text and scanner.stopped == stopped
+
+
+def test_context_check_says_by_how_much() -> None:
+    check_context(10, 20, 30)
+    with pytest.raises(Exception, match="exceed the context window of 30 by 1"):
+        check_context(10, 21, 30)
+
+
+# -- stream ordering ---------------------------------------------------------------------
+
+
+def test_cursor_orders_dedups_and_stops_at_end() -> None:
+    cursor = _Cursor(after_seq=-1)
+    msgs = [{"seq": i, "type": "token", "text": str(i)} for i in range(4)] + [{"seq": 4, "type": "end"}]
+    assert cursor.offer(msgs[1]) == []  # a gap: held back
+    assert cursor.offer(msgs[0]) == msgs[:2]
+    assert cursor.offer(msgs[0]) == []  # duplicate
+    assert cursor.offer(msgs[2]) + cursor.offer(msgs[3]) + cursor.offer(msgs[4]) == msgs[2:]
+    assert cursor.done
