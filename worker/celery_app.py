@@ -48,7 +48,6 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "task_queues": queues,
         "task_default_queue": queues[0].name,
         "task_create_missing_queues": False,
-        "task_track_started": True,
         "task_annotations": {
             kind: {"time_limit": limit, "soft_time_limit": limit * 0.95}
             for kind, limit in settings.time_limits.items()
