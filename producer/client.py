@@ -228,6 +228,8 @@ class InferenceClient:
         self.celery.close()
 
     async def aclose(self) -> None:
+        """Close every connection, the asyncio ones included."""
         if self._aredis is not None:
             await self._aredis.aclose()
             self._aredis = None
+        self.close()

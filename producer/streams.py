@@ -39,6 +39,9 @@ class _Cursor:
         seq = message.get("seq", -1)
         if seq >= self.next_seq:
             self.pending[seq] = message
+        elif message.get("type") in ("end", "error"):
+            self.done = True  # the stream ended at or before the seq the reader resumes after
+            return []
         ready = []
         while self.next_seq in self.pending:
             msg = self.pending.pop(self.next_seq)

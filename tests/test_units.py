@@ -242,3 +242,10 @@ def test_cursor_orders_dedups_and_stops_at_end() -> None:
     assert cursor.offer(msgs[0]) == []  # duplicate
     assert cursor.offer(msgs[2]) + cursor.offer(msgs[3]) + cursor.offer(msgs[4]) == msgs[2:]
     assert cursor.done
+
+
+def test_cursor_resuming_after_the_end_is_done_at_once() -> None:
+    cursor = _Cursor(after_seq=4)
+    assert cursor.offer({"seq": 3, "type": "token", "text": "x"}) == []
+    assert not cursor.done
+    assert cursor.offer({"seq": 4, "type": "end"}) == [] and cursor.done

@@ -1,0 +1,1 @@
+"""Examples of producers built on the ``producer`` client."""
