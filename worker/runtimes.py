@@ -38,6 +38,7 @@ def build_runtime(alias: str, spec: ModelSpec, settings: WorkerSettings, device:
                 max_length=spec.max_length,
                 trust_remote_code=spec.trust_remote_code,
                 revision=spec.revision,
+                gguf_file=spec.gguf_file,
             ),
         )
     from models.encoder import EncoderOptions, EncoderRuntime

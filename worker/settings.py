@@ -55,6 +55,9 @@ class ModelSpec(BaseModel):
     )
     trust_remote_code: bool = Field(True, description="Allow custom model code from the source.")
     revision: str | None = Field(None, description="Hub revision to load.")
+    gguf_file: str | None = Field(
+        None, description="transformers backend: a .gguf file inside source to load (dequantised) with from_pretrained."
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights dtype; auto is float16 on CUDA and float32 elsewhere."
     )

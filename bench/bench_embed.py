@@ -1,0 +1,306 @@
+"""Embedding throughput and latency through the worker vs SentenceTransformer.encode.
+
+Measured in one run, one after the other (never two at once):
+
+1. raw ``SentenceTransformer(path).encode`` in this process on the same sentences, at
+   batch 1 and batch 32 (sentences/s), and the p50 of single-sentence ``encode`` calls;
+2. a worker with dynamic batching (the default): P producer threads send one sentence
+   per ``embed`` task, N tasks in all (req/s, p50/p99 send-to-result latency), then
+   S sequential single-sentence calls (p50 latency);
+3. the same against a worker with ``batching: {enabled: false}``.
+
+Run by hand (not a test)::
+
+    python bench/bench_embed.py                  # 2,000 tasks, 64 producers, concurrency 64
+    python bench/bench_embed.py --write          # and update bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
+
+SUBJECTS = [
+    "The cat",
+    "A developer",
+    "Our team",
+    "The old bridge",
+    "This recipe",
+    "The committee",
+    "My neighbour",
+    "The new library",
+    "A small robot",
+    "The weather service",
+    "The orchestra",
+    "Every student",
+]
+VERBS = [
+    "quietly watched",
+    "carefully reviewed",
+    "suddenly rejected",
+    "happily announced",
+    "slowly rebuilt",
+    "briefly described",
+    "openly questioned",
+    "proudly presented",
+    "eventually repaired",
+    "barely noticed",
+]
+OBJECTS = [
+    "the morning train",
+    "a stack of unpaid invoices",
+    "the final draft",
+    "the city's budget",
+    "a broken umbrella",
+    "the results of the experiment",
+    "an unexpected guest",
+    "the river at night",
+    "the latest release",
+    "a list of open questions",
+    "the garden behind the school",
+]
+TAILS = [
+    "",
+    " before lunch",
+    " without saying a word",
+    " for the second time",
+    " last week",
+    " in front of everyone",
+    " after a long debate",
+]
+
+
+def make_sentences(n: int, seed: int = 7) -> list[str]:
+    """``n`` short, varied English sentences (8-16 words), the same for a given seed."""
+    rng = random.Random(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(TAILS)}." for _ in range(n)]
+
+
+def measure_raw(path: str, sentences: list[str], single: list[str]) -> dict[str, Any]:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path, device="cpu")
+    kw = {"normalize_embeddings": True, "show_progress_bar": False, "convert_to_numpy": True}
+    model.encode(sentences[:64], batch_size=32, **kw)  # warm up
+    out: dict[str, Any] = {}
+    for batch in (1, 32):
+        h.log(f"raw encode, batch {batch}, {len(sentences)} sentences")
+        t0 = time.perf_counter()
+        model.encode(sentences, batch_size=batch, **kw)
+        wall = time.perf_counter() - t0
+        out[f"batch{batch}"] = {"wall": wall, "rate": len(sentences) / wall}
+    h.log(f"raw encode, {len(single)} single-sentence calls")
+    latencies = []
+    for text in single:
+        t0 = time.perf_counter()
+        model.encode(text, **kw)
+        latencies.append(time.perf_counter() - t0)
+    out["single"] = h.summarize(latencies)
+    out["reference"] = model.encode([sentences[0]], **kw)[0]
+    del model
+    h.free()
+    return out
+
+
+def measure_worker(
+    label: str,
+    args: Any,
+    workdir: Path,
+    path: str,
+    sentences: list[str],
+    single: list[str],
+    batching: dict[str, Any] | None,
+) -> dict[str, Any]:
+    alias = "minilm"
+    queue = h.unique(f"embed-{label}")
+    spec: dict[str, Any] = {"task": "embed", "source": path, "queue": queue}
+    if batching is not None:
+        spec["batching"] = batching
+    settings: dict[str, Any] = {"concurrency": args.concurrency}
+    if args.threads:
+        settings["threads_per_worker"] = args.threads
+    client = h.client(args.redis_url, timeouts={"embed": args.task_timeout})
+    out: dict[str, Any] = {}
+    try:
+        with h.running_worker(
+            f"embed-{label}",
+            {alias: spec},
+            redis_url=args.redis_url,
+            workdir=workdir,
+            boot_timeout=args.boot_timeout,
+            **settings,
+        ) as worker:
+
+            def one(i: int) -> None:
+                task_id = client.send("embed", model=alias, queue=queue, input=sentences[i % len(sentences)])
+                result = client.wait(task_id, args.task_timeout)
+                if len(result["embeddings"]) != 1:
+                    raise RuntimeError(f"expected one vector, got {len(result['embeddings'])}")
+
+            warm = min(len(sentences), max(args.producers * 2, 32))
+            h.log(f"[{label}] warm-up: {warm} tasks")
+            warm_res = h.run_load(one, warm, args.producers, timeout=args.load_timeout)
+            if warm_res.errors:
+                raise RuntimeError(f"[{label}] warm-up failed: {warm_res.errors[:3]}\n{worker.log_tail()}")
+
+            h.log(f"[{label}] load: {args.tasks} tasks from {args.producers} producers")
+            stats0 = h.model_stats(client, worker)
+            cpu0, own0 = worker.cpu_seconds(), h.process_cpu_seconds()
+            load = h.run_load(one, args.tasks, args.producers, timeout=args.load_timeout)
+            out["worker_cpu"] = worker.cpu_seconds() - cpu0
+            out["producer_cpu"] = h.process_cpu_seconds() - own0
+            out["batches"] = h.stats_delta(stats0, h.model_stats(client, worker), alias)
+            if load.errors:
+                raise RuntimeError(f"[{label}] load failed: {load.errors[:3]}\n{worker.log_tail()}")
+            out["load"] = load
+            out["lat"] = h.summarize(load.latencies)
+
+            h.log(f"[{label}] {len(single)} sequential single-sentence calls")
+            latencies = []
+            for text in single:
+                t0 = time.perf_counter()
+                client.embed(alias, text, queue=queue, timeout=args.task_timeout)
+                latencies.append(time.perf_counter() - t0)
+            out["single"] = h.summarize(latencies)
+            out["vector"] = client.embed(alias, sentences[0], queue=queue, timeout=args.task_timeout)["embeddings"][0]
+    finally:
+        client.close()
+    return out
+
+
+def cosine(a: Any, b: Any) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def main() -> None:
+    p = h.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=int, default=2000, help="embed tasks (one sentence each) per worker load")
+    p.add_argument("--producers", type=int, default=64, help="concurrent producer threads")
+    p.add_argument("--concurrency", type=int, default=64, help="worker pool threads (the worker's `concurrency`)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in the worker (threads_per_worker)")
+    p.add_argument("--sequential", type=int, default=200, help="sequential single-sentence calls for latency")
+    p.add_argument(
+        "--raw-sentences", type=int, default=None, help="sentences for raw encode throughput (default: --tasks)"
+    )
+    p.add_argument("--task-timeout", type=float, default=120.0, help="seconds to wait for one result")
+    p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds one load may take in all")
+    p.add_argument("--skip-unbatched", action="store_true", help="skip the worker with batching disabled")
+    args = p.parse_args()
+    h.check_redis(args.redis_url)
+
+    path = h.minilm_path()
+    sentences = make_sentences(max(args.tasks, args.sequential, 64))
+    raw_sentences = sentences[: args.raw_sentences or args.tasks]
+    single = sentences[: args.sequential]
+
+    raw = measure_raw(path, raw_sentences, single)
+    with h.workdir(args) as wd:
+        batched = measure_worker("batching", args, wd, path, sentences, single, None)
+        unbatched = (
+            None
+            if args.skip_unbatched
+            else measure_worker("no-batching", args, wd, path, sentences, single, {"enabled": False})
+        )
+
+    # -- report -------------------------------------------------------------------------------
+    rows = []
+    for label, res in (("worker, batching on", batched), ("worker, batching off", unbatched)):
+        if res is None:
+            continue
+        load = res["load"]
+        b = res["batches"]
+        rows.append(
+            [
+                label,
+                f"{args.tasks} tasks x 1 sentence, {args.producers} producers, concurrency {args.concurrency}",
+                h.num(load.throughput),
+                h.ms(res["lat"]["p50"]),
+                h.ms(res["lat"]["p99"]),
+                f"{res['worker_cpu'] / args.tasks * 1000:.2f}",
+                f"{res['producer_cpu'] / args.tasks * 1000:.2f}",
+                h.num(b["rows_per_batch"], 2) if b else "n/a",
+            ]
+        )
+    for batch in (1, 32):
+        r = raw[f"batch{batch}"]
+        rows.append(
+            [
+                f"raw encode, batch {batch}",
+                f"{len(raw_sentences)} sentences in one encode() call",
+                h.num(r["rate"]),
+                "",
+                "",
+                "",
+                "",
+                str(batch),
+            ]
+        )
+    throughput = h.markdown_table(
+        [
+            "path",
+            "load",
+            "req/s (sentences/s)",
+            "p50 ms",
+            "p99 ms",
+            "worker CPU ms/task",
+            "producer CPU ms/task",
+            "rows per forward",
+        ],
+        rows,
+        align="llrrrrrr",
+    )
+
+    b32, b1 = raw["batch32"]["rate"], raw["batch1"]["rate"]
+    ratio_rows = [
+        ["worker (batching on) / raw batch 32", h.ratio(batched["load"].throughput, b32)],
+        ["worker (batching on) / raw batch 1", h.ratio(batched["load"].throughput, b1)],
+    ]
+    if unbatched:
+        ratio_rows += [
+            ["worker (batching off) / raw batch 1", h.ratio(unbatched["load"].throughput, b1)],
+            ["worker (batching off) / raw batch 32", h.ratio(unbatched["load"].throughput, b32)],
+            ["batching on / batching off", h.ratio(batched["load"].throughput, unbatched["load"].throughput)],
+        ]
+    ratio_rows.append(["raw batch 32 / raw batch 1", h.ratio(b32, b1)])
+    ratios = h.markdown_table(["ratio", "value"], ratio_rows)
+
+    raw_p50 = raw["single"]["p50"]
+    lat_rows = [["raw encode(text)", h.ms(raw_p50), h.ms(raw["single"]["p99"]), ""]]
+    for label, res in (("worker, batching on", batched), ("worker, batching off", unbatched)):
+        if res is not None:
+            s = res["single"]
+            lat_rows.append([label, h.ms(s["p50"]), h.ms(s["p99"]), f"+{(s['p50'] - raw_p50) * 1000:.2f}"])
+    latency = h.markdown_table(["single sentence, sequential", "p50 ms", "p99 ms", "p50 - raw p50 (ms)"], lat_rows)
+
+    sims = [cosine(res["vector"], raw["reference"]) for res in (batched, unbatched) if res is not None]
+    body = f"""### Throughput (MiniLM-L6, one short sentence per task)
+
+{throughput}
+
+Latency is send-to-result per task as a producer sees it. CPU per task is the worker
+process's (user+system) and this benchmark's own (the producers) over the load; both
+share the machine's cores. "rows per forward": sentences per forward pass during the load
+(the worker's `model_stats` counters).
+
+{ratios}
+
+### Single-request latency ({args.sequential} sequential calls, one sentence each)
+
+{latency}
+
+Sanity: cosine(worker vector, raw vector) for the same sentence = {min(sims):.6f}.
+"""
+    h.report("bench_embed", "Embed: worker vs SentenceTransformer.encode", body, args)
+
+
+if __name__ == "__main__":
+    main()

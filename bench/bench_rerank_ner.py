@@ -1,0 +1,292 @@
+"""Rerank and NER through the worker vs the libraries called directly.
+
+The models are the seeded test heads on the bundled MiniLM (tests/model_builders.py):
+real encoder weights and tokenizer, so the cost is that of a MiniLM-L6 cross-encoder and
+token classifier. Measured in one run, one after the other (never two at once):
+
+* rerank of D documents against one query (default 100):
+  - one ``rerank`` request through the worker;
+  - the one-pair-at-a-time loop on the raw HF model (AutoModelForSequenceClassification,
+    a batch of 1 per pair, sigmoid of the logit);
+  - ``sentence_transformers.CrossEncoder(path).predict(pairs)`` (its default batch size);
+* ner of T texts (default 32):
+  - one ``ner`` request with the list, through the worker;
+  - ``pipeline("token-classification", aggregation_strategy="simple")`` called once per text;
+  - the same pipeline given the whole list (its default batch size, and batch_size=T).
+
+Each number is the median of R repetitions (after a warm-up). Run by hand (not a test)::
+
+    python bench/bench_rerank_ner.py --write
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
+
+QUERY = "How can I repair a broken umbrella without special tools?"
+TOPICS = [
+    "umbrella",
+    "bicycle",
+    "garden hose",
+    "kitchen tap",
+    "laptop hinge",
+    "zipper",
+    "wooden chair",
+    "tent pole",
+    "shoe sole",
+    "window blind",
+    "desk lamp",
+    "backpack strap",
+]
+ACTIONS = ["repair", "replace", "clean", "store", "fold", "buy", "recycle", "inspect", "protect", "adjust"]
+DETAILS = [
+    "with tape and a bit of wire",
+    "using only household tools",
+    "in under ten minutes",
+    "after it has been damaged by wind",
+    "before winter starts",
+    "when a part has snapped",
+    "without voiding the warranty",
+    "the way professionals do it",
+    "on a tight budget",
+]
+EXTRAS = [
+    "",
+    " Most people skip this step.",
+    " A spare part costs very little.",
+    " The manual describes it on page twelve.",
+    " Safety glasses are a good idea.",
+    " It works for most models sold in the last decade.",
+]
+
+FIRST = ["Maria", "Peter", "Aiko", "Olu", "Jean", "Sofia", "Rahul", "Ingrid", "Carlos", "Mei"]
+LAST = ["Lopez", "Schmidt", "Tanaka", "Adeyemi", "Dupont", "Rossi", "Sharma", "Larsen", "Silva", "Chen"]
+PLACES = ["Madrid", "Berlin", "Osaka", "Lagos", "Lyon", "Milan", "Mumbai", "Oslo", "Lisbon", "Shanghai"]
+EVENTS = [
+    "the annual science fair",
+    "a trade conference",
+    "the city marathon",
+    "a jazz festival",
+    "the board meeting",
+    "a cooking class",
+]
+
+
+def make_documents(n: int, seed: int = 11) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        f"How to {rng.choice(ACTIONS)} a {rng.choice(TOPICS)} {rng.choice(DETAILS)}.{rng.choice(EXTRAS)}"
+        for _ in range(n)
+    ]
+
+
+def make_ner_texts(n: int, seed: int = 13) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+        b = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+        out.append(
+            f"{a} flew from {rng.choice(PLACES)} to {rng.choice(PLACES)} for {rng.choice(EVENTS)}, "
+            f"where {b} was waiting with the tickets."
+        )
+    return out
+
+
+def raw_rerank_loop(path: str, docs: list[str], args: Any) -> list[float]:
+    """The raw HF model, one (query, document) pair per forward pass."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+
+    def loop_pairs() -> list[float]:
+        scores = []
+        with torch.inference_mode():
+            for doc in docs:
+                enc = tok(QUERY, doc, return_tensors="pt", truncation=True)
+                scores.append(float(torch.sigmoid(model(**enc).logits[0, 0])))
+        return scores
+
+    h.log(f"raw HF rerank loop: {len(docs)} pairs one at a time, {args.reps} reps")
+    return h.timed(loop_pairs, args.reps, args.warmup)
+
+
+def raw_cross_encoder(path: str, docs: list[str], args: Any) -> tuple[list[float], list[float]]:
+    """``CrossEncoder.predict`` on all pairs: the timings, and its scores."""
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(path, device="cpu")
+    pairs = [(QUERY, d) for d in docs]
+    h.log(f"CrossEncoder.predict: {len(pairs)} pairs, {args.reps} reps")
+    times = h.timed(lambda: ce.predict(pairs, show_progress_bar=False), args.reps, args.warmup)
+    return times, [float(s) for s in ce.predict(pairs, show_progress_bar=False)]
+
+
+def raw_ner(path: str, texts: list[str], args: Any) -> dict[str, Any]:
+    """The token-classification pipeline: per text, given the list, given the list batched."""
+    from transformers import pipeline
+
+    pipe = pipeline("token-classification", model=path, aggregation_strategy="simple", device="cpu")
+    out: dict[str, Any] = {}
+    h.log(f"ner pipeline one text at a time: {len(texts)} texts, {args.reps} reps")
+    out["ner_loop"] = h.timed(lambda: [pipe(t) for t in texts], args.reps, args.warmup)
+    h.log(f"ner pipeline given the list: {len(texts)} texts, {args.reps} reps")
+    out["ner_list"] = h.timed(lambda: pipe(texts), args.reps, args.warmup)
+    out["ner_list_batched"] = h.timed(lambda: pipe(texts, batch_size=len(texts)), args.reps, args.warmup)
+    out["ner_ref"] = [pipe(t) for t in texts]
+    return out
+
+
+def measure_raw(paths: dict[str, str], docs: list[str], texts: list[str], args: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"rerank_loop": raw_rerank_loop(paths["reranker"], docs, args)}
+    h.free()
+    out["rerank_ce"], out["rerank_scores"] = raw_cross_encoder(paths["reranker"], docs, args)
+    h.free()
+    out.update(raw_ner(paths["ner"], texts, args))
+    h.free()  # each model was dropped when its function returned
+    return out
+
+
+def measure_worker(
+    paths: dict[str, str], docs: list[str], texts: list[str], args: Any, workdir: Path
+) -> dict[str, Any]:
+    models = {
+        "reranker": {"task": "rerank", "source": paths["reranker"], "queue": h.unique("rerank")},
+        "ner": {"task": "ner", "source": paths["ner"], "queue": h.unique("ner")},
+    }
+    settings: dict[str, Any] = {"concurrency": args.concurrency}
+    if args.threads:
+        settings["threads_per_worker"] = args.threads
+    client = h.client(args.redis_url)
+    out: dict[str, Any] = {}
+    try:
+        with h.running_worker(
+            "rerank-ner", models, redis_url=args.redis_url, workdir=workdir, boot_timeout=args.boot_timeout, **settings
+        ):
+            rq, nq = models["reranker"]["queue"], models["ner"]["queue"]
+            h.log(f"worker rerank: {len(docs)} documents, {args.reps} reps")
+            out["rerank"] = h.timed(
+                lambda: client.rerank("reranker", QUERY, docs, queue=rq, timeout=args.task_timeout),
+                args.reps,
+                args.warmup,
+            )
+            result = client.rerank("reranker", QUERY, docs, queue=rq, timeout=args.task_timeout)
+            scores = [0.0] * len(docs)
+            for item in result["results"]:
+                scores[item["index"]] = item["relevance_score"]
+            out["rerank_scores"] = scores
+            h.log(f"worker ner: {len(texts)} texts, {args.reps} reps")
+            out["ner"] = h.timed(
+                lambda: client.ner("ner", texts, queue=nq, timeout=args.task_timeout), args.reps, args.warmup
+            )
+            out["ner_entities"] = client.ner("ner", texts, queue=nq, timeout=args.task_timeout)["entities"]
+    finally:
+        client.close()
+    return out
+
+
+def ner_mismatches(ours: list[list[dict[str, Any]]], ref: list[list[dict[str, Any]]]) -> tuple[int, float]:
+    """Texts whose spans/labels differ from the pipeline's, and the largest score difference."""
+    bad, worst = 0, 0.0
+    for mine, theirs in zip(ours, ref, strict=True):
+        a = [(e["start"], e["end"], e["label"]) for e in mine]
+        b = [(e["start"], e["end"], e["entity_group"]) for e in theirs]
+        if a != b:
+            bad += 1
+        else:
+            worst = max([worst] + [abs(x["score"] - float(y["score"])) for x, y in zip(mine, theirs, strict=True)])
+    return bad, worst
+
+
+def main() -> None:
+    p = h.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--documents", type=int, default=100, help="documents in the rerank request")
+    p.add_argument("--texts", type=int, default=32, help="texts in the ner request")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions of each (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    p.add_argument("--concurrency", type=int, default=8, help="worker pool threads")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in the worker (threads_per_worker)")
+    p.add_argument("--task-timeout", type=float, default=300.0, help="seconds to wait for one result")
+    args = p.parse_args()
+    h.check_redis(args.redis_url)
+
+    from tests.model_builders import build_test_models
+
+    docs = make_documents(args.documents)
+    texts = make_ner_texts(args.texts)
+    with h.workdir(args) as wd:
+        h.log("building the test rerank/ner models from the bundled MiniLM")
+        paths = build_test_models(h.minilm_path(), wd / "models")
+        raw = measure_raw(paths, docs, texts, args)
+        worker = measure_worker(paths, docs, texts, args, wd)
+
+    headers = ["path", "median ms", "min ms", "items/s", "speedup vs one-at-a-time", "time / worker's"]
+
+    def table(rows: list[tuple[str, list[float]]], loop: list[float], ours: list[float], items: int) -> str:
+        out = []
+        for label, samples in rows:
+            m = h.median(samples)
+            out.append(
+                [
+                    label,
+                    h.ms(m),
+                    h.ms(min(samples)),
+                    h.num(items / m),
+                    h.ratio(h.median(loop), m),
+                    h.ratio(m, h.median(ours)),
+                ]
+            )
+        return h.markdown_table(headers, out)
+
+    rerank_table = table(
+        [
+            ("worker: one `rerank` request", worker["rerank"]),
+            ("HF model, one pair at a time (batch 1)", raw["rerank_loop"]),
+            ("CrossEncoder.predict(pairs)", raw["rerank_ce"]),
+        ],
+        raw["rerank_loop"],
+        worker["rerank"],
+        args.documents,
+    )
+    ner_table = table(
+        [
+            ("worker: one `ner` request with the list", worker["ner"]),
+            ("pipeline, one text at a time", raw["ner_loop"]),
+            ("pipeline(list) (default batch size)", raw["ner_list"]),
+            (f"pipeline(list, batch_size={args.texts})", raw["ner_list_batched"]),
+        ],
+        raw["ner_loop"],
+        worker["ner"],
+        args.texts,
+    )
+
+    score_diff = max(abs(a - b) for a, b in zip(worker["rerank_scores"], raw["rerank_scores"], strict=True))
+    bad, worst = ner_mismatches(worker["ner_entities"], raw["ner_ref"])
+    body = f"""### Rerank: {args.documents} documents, one query (median of {args.reps})
+
+{rerank_table}
+
+### NER: {args.texts} texts (median of {args.reps})
+
+{ner_table}
+
+"speedup vs one-at-a-time": the one-item-at-a-time loop's median / this row's median.
+"time / worker's": this row's median / the worker's (above 1: the worker is faster).
+Worker times are send-to-result through Redis, one request at a time.
+
+Sanity: max |worker score - CrossEncoder score| = {score_diff:.2e}; NER texts whose spans or
+labels differ from the pipeline's: {bad} of {args.texts} (max score difference where equal: {worst:.2e}).
+"""
+    h.report("bench_rerank_ner", "Rerank and NER: worker vs CrossEncoder / pipeline", body, args)
+
+
+if __name__ == "__main__":
+    main()
