@@ -21,8 +21,9 @@ worker starts, and the worker is stopped before anything else runs: never concur
 Per request: time to first token (TTFT: request start to the first piece of text),
 decode rate ((completion tokens - 1) / (end - first piece)), end-to-end rate
 (completion tokens / total). Medians of R repetitions after a warm-up. The same fixed
-prompt every time (llama.cpp reuses the KV cache of a repeated prompt prefix, in both
-paths alike; ``--vary-prompt`` makes every request's prompt different).
+prompt every time; both paths evaluate it from scratch each time (the worker resets
+the llama.cpp context per request so no output depends on the request before;
+``--vary-prompt`` makes every request's prompt different).
 
 Run by hand (not a test)::
 
@@ -114,6 +115,7 @@ def llama_direct(path: str, args: Any) -> list[Run]:
 
         def one(prompt: str) -> Run:
             run = Run(time.perf_counter())
+            llm.reset()  # as the worker does: every prompt evaluated from scratch
             chunks = llm.create_completion(
                 prompt=prompt, stream=True, temperature=0.0, max_tokens=args.max_tokens, **LLAMA_SAMPLING
             )
@@ -328,7 +330,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5, help="timed generations per path (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed generations first")
     p.add_argument("--prompt", default=PROMPT, help="the prompt (raw completion)")
-    p.add_argument("--vary-prompt", action="store_true", help="a different prompt per request (no KV prefix reuse)")
+    p.add_argument("--vary-prompt", action="store_true", help="a different prompt per request")
     p.add_argument("--n-threads", type=int, default=os.cpu_count(), help="llama.cpp threads (both paths)")
     p.add_argument("--n-ctx", type=int, default=1024, help="llama.cpp context (both paths)")
     p.add_argument("--n-batch", type=int, default=512, help="llama.cpp batch (both paths)")

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
-import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -134,30 +133,34 @@ class EncoderRuntime:
 
     # -- capabilities -------------------------------------------------------------------
 
+    # Results come back from the batcher as numpy rows: the request threads do their
+    # small post-processing in numpy, never in torch, whose thread pools are the batcher's.
+
     def embed(self, texts: Sequence[str], normalize: bool = True) -> tuple[list[list[float]], int]:
         with self._session():
             items = self._tokenize(texts)
             rows = self._run(items)
-        vectors = torch.stack(rows)
+        vectors = np.stack(rows)
         if normalize or (self.pooling is not None and self.pooling.normalize):
-            vectors = F.normalize(vectors, p=2, dim=1)
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)  # as F.normalize(p=2, eps=1e-12)
         return vectors.tolist(), _count(items)
 
     def rerank(self, query: str, documents: Sequence[str]) -> tuple[list[float], int]:
         with self._session():
             items = self._tokenize_pairs(query, documents)
             rows = self._run(items)
-        logits = torch.stack(rows)[:, 0]
-        return torch.sigmoid(logits).tolist(), _count(items)
+        logits = np.stack(rows)[:, 0].astype(np.float64)
+        return (1.0 / (1.0 + np.exp(-logits))).tolist(), _count(items)
 
     def classify(self, texts: Sequence[str]) -> tuple[list[list[tuple[str, float]]], int]:
         """Every label with its probability, best first, for each text."""
         with self._session():
             items = self._tokenize(texts)
             rows = self._run(items)
-        logits = torch.stack(rows)
+        logits = np.stack(rows).astype(np.float64)
         multi_label = self.config.problem_type == "multi_label_classification" or self.config.num_labels == 1
-        probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
+        probs = 1.0 / (1.0 + np.exp(-logits)) if multi_label else _softmax(logits)
         results = []
         for row in probs.tolist():
             ranked = sorted(enumerate(row), key=lambda p: p[1], reverse=True)
@@ -182,7 +185,7 @@ class EncoderRuntime:
             rows = self._run(items)
         entities = []
         for text, logits, offs, spec in zip(texts, rows, offsets, special):
-            probs = _softmax(logits.numpy())
+            probs = _softmax(logits)
             entities.append(aggregate_simple(text, probs, offs, spec, self.id2label))
         return entities, _count(items)
 
@@ -192,7 +195,7 @@ class EncoderRuntime:
         assert self.batcher is not None, "load() first"
         return self.batcher.session()
 
-    def _run(self, items: list[Features]) -> list[torch.Tensor]:
+    def _run(self, items: list[Features]) -> list[np.ndarray]:
         assert self.batcher is not None
         return self.batcher.run(items, timeout=self.options.request_timeout)
 
@@ -234,15 +237,15 @@ class EncoderRuntime:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.inference_mode()
-    def _forward(self, items: Sequence[Features]) -> list[torch.Tensor]:
+    def _forward(self, items: Sequence[Features]) -> list[np.ndarray]:
         batch = self._collate(items)
         output = self.model(**batch)
         task = self.options.task
         if task == EMBED:
             assert self.pooling is not None
             pooled = pool(self.pooling, output[0], batch["attention_mask"])
-            return list(pooled.float().cpu())
-        logits = output.logits.float().cpu()
+            return list(pooled.float().cpu().numpy())
+        logits = output.logits.float().cpu().numpy()
         if task == NER:
             return [logits[r, : len(item["input_ids"])] for r, item in enumerate(items)]
         return list(logits)

@@ -130,6 +130,10 @@ class GGUFRuntime:
                 raise InvalidRequest(f"model: {self.alias} is shutting down")
             estimate = self.count_prompt_tokens(params)
             check_context(estimate, params.max_tokens, self.n_ctx)
+            # evaluate every prompt from scratch: reusing the previous request's KV prefix
+            # changes the batch shapes of the evaluation, hence the rounding, hence at times
+            # the greedy text; a request's output must not depend on the one before it
+            self.llm.reset()
             steps = _StepCounter()
             kwargs = {**sampling_kwargs(params), "logits_processor": [steps]}
             try:

@@ -27,6 +27,7 @@ class InferenceTask(Task):
     retry_backoff = True
     max_retries = 3
     typing = False  # arguments are checked by the request schema, with better messages
+    resultrepr_maxsize = 64  # celery reprs every result for its own logs; ours log timings instead
     _limits: Limits | None = None
 
     def limits(self) -> Limits:

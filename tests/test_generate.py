@@ -24,11 +24,27 @@ def q(alias: str) -> str:
     return queue_name(f"gen-{alias}")
 
 
-@pytest.fixture(scope="session")
-def llama(gguf_path: str) -> Any:
-    from llama_cpp import Llama
+class FreshLlama:
+    """The oracle: llama-cpp called directly, each call on an empty context (no prompt
+    prefix reused from the call before, as the worker does)."""
 
-    return Llama(model_path=gguf_path, n_ctx=GGUF_CTX, n_threads=2, verbose=False)
+    def __init__(self, gguf_path: str) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=gguf_path, n_ctx=GGUF_CTX, n_threads=2, verbose=False)
+
+    def create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        self.llm.reset()
+        return self.llm.create_completion(*args, **kwargs)
+
+    def create_chat_completion(self, *args: Any, **kwargs: Any) -> Any:
+        self.llm.reset()
+        return self.llm.create_chat_completion(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def llama(gguf_path: str) -> FreshLlama:
+    return FreshLlama(gguf_path)
 
 
 @pytest.fixture(scope="session")

@@ -48,12 +48,17 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "task_queues": queues,
         "task_default_queue": queues[0].name,
         "task_create_missing_queues": False,
+        # STARTED in the backend is what tells every *other* worker receiving a revoke()
+        # broadcast that the task is running elsewhere; without it they would mark a
+        # running generation REVOKED and its real result would be lost
+        "task_track_started": True,
         "task_annotations": {
             kind: {"time_limit": limit, "soft_time_limit": limit * 0.95}
             for kind, limit in settings.time_limits.items()
         },
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
+        "worker_disable_rate_limits": True,  # no per-task rate-limit bookkeeping
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
 

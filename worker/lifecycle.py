@@ -8,6 +8,7 @@ solo pool that is the serving process itself; with prefork each child loads its 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -33,6 +34,10 @@ def _setup_logging(**_: Any) -> None:
 
 def load_models(settings: WorkerSettings) -> None:
     """Load, warm and register every hosted model; any failure stops the worker."""
+    # OpenMP threads that spin after each parallel region burn the cores the pool's
+    # threads need between forward passes; let them sleep instead. Must be set before
+    # torch (and its OpenMP runtime) loads; an operator's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from models.device import resolve_device
