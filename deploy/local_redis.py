@@ -6,6 +6,7 @@ fakeredis's TcpFakeServer speaks enough of the protocol for Celery, pub/sub and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from fakeredis import TcpFakeServer
 
@@ -17,10 +18,8 @@ def main() -> None:
     args = parser.parse_args()
     server = TcpFakeServer((args.host, args.port), server_type="redis")
     print(f"fake redis on {args.host}:{args.port}", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -88,7 +88,9 @@ def plan_batches(lengths: Sequence[int], limits: BatchLimits) -> list[list[int]]
     for i in order:
         # sorted descending: the first row of a batch is its longest, so padded size is rows x that
         longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) >= limits.max_batch_size or (len(current) + 1) * longest > limits.max_batch_tokens):
+        if current and (
+            len(current) >= limits.max_batch_size or (len(current) + 1) * longest > limits.max_batch_tokens
+        ):
             batches.append(current)
             current = []
         current.append(i)

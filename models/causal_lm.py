@@ -132,7 +132,12 @@ class CausalLMRuntime:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60.0)
         sampling: dict[str, Any] = {"do_sample": False}
         if params.temperature > 0:
-            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or 0}
+            sampling = {
+                "do_sample": True,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k or 0,
+            }
         kwargs = {
             **inputs,
             **sampling,

@@ -211,7 +211,9 @@ class EncoderRuntime:
 
     def _tokenize_pairs(self, query: str, documents: Sequence[str]) -> list[Features]:
         queries = [query] * len(documents)
-        kwargs = dict(max_length=self.max_length, return_attention_mask=False, return_token_type_ids=self.uses_token_types)
+        kwargs = dict(
+            max_length=self.max_length, return_attention_mask=False, return_token_type_ids=self.uses_token_types
+        )
         try:
             # cut the document, never the query
             encoded = self.tokenizer(queries, list(documents), truncation="only_second", **kwargs)
@@ -263,4 +265,3 @@ def _count(items: Sequence[Features]) -> int:
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
-

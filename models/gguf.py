@@ -118,7 +118,9 @@ class GGUFRuntime:
         assert params.messages is not None
         if self._formatter is not None:
             rendered = self._formatter(messages=params.messages)
-            tokens = self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+            tokens = self.llm.tokenize(
+                rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
+            )
             return len(tokens)
         # a built-in chat format: count the contents, a lower bound llama-cpp re-checks
         text = "\n".join(m["content"] for m in params.messages)

@@ -75,13 +75,17 @@ class InferenceClient:
 
     # -- sending ------------------------------------------------------------------------
 
-    def send(self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any) -> str:
+    def send(
+        self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any
+    ) -> str:
         """Enqueue ``task`` for ``model`` on its queue (by default the alias); returns the task id."""
         task_id = task_id or str(uuid.uuid4())
         self.celery.send_task(task, kwargs={"model": model, **kwargs}, queue=queue or model, task_id=task_id)
         return task_id
 
-    async def asend(self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any) -> str:
+    async def asend(
+        self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any
+    ) -> str:
         return await asyncio.to_thread(self.send, task, model=model, queue=queue, task_id=task_id, **kwargs)
 
     # -- waiting ------------------------------------------------------------------------
@@ -124,11 +128,15 @@ class InferenceClient:
         finally:
             await pubsub.aclose()
 
-    def call(self, task: str, *, model: str, timeout: float | None = None, queue: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    def call(
+        self, task: str, *, model: str, timeout: float | None = None, queue: str | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         task_id = self.send(task, model=model, queue=queue, **kwargs)
         return self.wait(task_id, timeout or self.timeouts.get(task, 60.0))
 
-    async def acall(self, task: str, *, model: str, timeout: float | None = None, queue: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    async def acall(
+        self, task: str, *, model: str, timeout: float | None = None, queue: str | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         task_id = await self.asend(task, model=model, queue=queue, **kwargs)
         return await self.await_result(task_id, timeout or self.timeouts.get(task, 60.0))
 
@@ -167,7 +175,13 @@ class InferenceClient:
     # -- streaming and cancellation -----------------------------------------------------
 
     def stream_generate(
-        self, model: str, *, queue: str | None = None, timeout: float | None = None, task_id: str | None = None, **opts: Any
+        self,
+        model: str,
+        *,
+        queue: str | None = None,
+        timeout: float | None = None,
+        task_id: str | None = None,
+        **opts: Any,
     ) -> Iterator[dict[str, Any]]:
         """Send ``generate(stream=True)`` and yield its stream messages (token..., end|error).
 
@@ -178,14 +192,18 @@ class InferenceClient:
         pubsub.subscribe(STREAM_PREFIX + task_id)
         try:
             self.send("generate", model=model, queue=queue, task_id=task_id, stream=True, **opts)
-            yield from read_stream(
-                self._redis, task_id, timeout=timeout or self.timeouts["generate"], pubsub=pubsub
-            )
+            yield from read_stream(self._redis, task_id, timeout=timeout or self.timeouts["generate"], pubsub=pubsub)
         finally:
             pubsub.close()
 
     async def astream_generate(
-        self, model: str, *, queue: str | None = None, timeout: float | None = None, task_id: str | None = None, **opts: Any
+        self,
+        model: str,
+        *,
+        queue: str | None = None,
+        timeout: float | None = None,
+        task_id: str | None = None,
+        **opts: Any,
     ) -> AsyncIterator[dict[str, Any]]:
         task_id = task_id or str(uuid.uuid4())
         client = self._async_redis()
@@ -204,7 +222,9 @@ class InferenceClient:
         """Replay and follow a stream, for a reader that came late or reconnects."""
         return read_stream(self._redis, task_id, after_seq=after_seq, timeout=timeout or self.timeouts["generate"])
 
-    def aread_stream(self, task_id: str, after_seq: int = -1, timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+    def aread_stream(
+        self, task_id: str, after_seq: int = -1, timeout: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         return aread_stream(
             self._async_redis(), task_id, after_seq=after_seq, timeout=timeout or self.timeouts["generate"]
         )

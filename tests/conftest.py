@@ -7,6 +7,7 @@ id, so runs sharing a Redis never see each other's messages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -106,10 +107,8 @@ class WorkerProcess:
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():
             if line.startswith("{"):
-                try:
+                with contextlib.suppress(json.JSONDecodeError):
                     out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
         return out
 
     def find_event(self, name: str) -> dict[str, Any] | None:
@@ -171,13 +170,6 @@ def embed_worker(start_worker: Any, minilm_path: str) -> WorkerProcess:
 
 def call(producer: Celery, task: str, queue: str, timeout: float = RESULT_TIMEOUT, **kwargs: Any) -> Any:
     return producer.send_task(task, kwargs=kwargs, queue=queue).get(timeout=timeout)
-
-
-def failure(producer: Celery, task: str, queue: str, timeout: float = RESULT_TIMEOUT, **kwargs: Any) -> BaseException:
-    result = producer.send_task(task, kwargs=kwargs, queue=queue)
-    with pytest.raises(Exception) as info:
-        result.get(timeout=timeout)
-    return info.value
 
 
 @pytest.fixture(scope="session")

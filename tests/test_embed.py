@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from celery import Celery
 
-from tests.conftest import call, failure, queue_name
+from tests.conftest import RESULT_TIMEOUT, call, queue_name
 
 LONG_TEXT = " ".join(f"token{i} is part of a very long document" for i in range(400))  # >> 512 tokens
 CASES = {
@@ -163,7 +163,7 @@ def test_each_task_reaches_the_worker_hosting_its_model(start_worker: Any, produ
     for _ in range(4):
         for side in ("left", "right"):
             r = producer.send_task("embed", kwargs={"model": f"{side}-model", "input": "x"}, queue=queue_name(side))
-            assert r.get(timeout=RESULT)["model"] == f"{side}-model"
+            assert r.get(timeout=RESULT_TIMEOUT)["model"] == f"{side}-model"
             ids[side].append(r.id)
     for side, worker in (("left", left), ("right", right)):
         ran = {e.get("task_id") for e in worker.events() if e.get("event") == "task.done"}
@@ -171,6 +171,3 @@ def test_each_task_reaches_the_worker_hosting_its_model(start_worker: Any, produ
         assert set(ids[side]) <= ran
         assert not set(ids[other]) & ran
     assert left.ready_event and left.ready_event["queues"] == [queue_name("left")]
-
-
-RESULT = 60

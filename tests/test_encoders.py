@@ -72,8 +72,14 @@ def test_rerank_equals_cross_encoder(encoder_worker: Any, producer: Celery, cros
 def test_rerank_top_n_and_documents(encoder_worker: Any, producer: Celery, cross_encoder: Any) -> None:
     expected = cross_encoder.predict([(QUERY, d) for d in DOCUMENTS])
     result = call(
-        producer, "rerank", q("reranker"), model="reranker", query=QUERY, documents=DOCUMENTS,
-        top_n=2, return_documents=True,
+        producer,
+        "rerank",
+        q("reranker"),
+        model="reranker",
+        query=QUERY,
+        documents=DOCUMENTS,
+        top_n=2,
+        return_documents=True,
     )
     best = list(np.argsort(-expected, kind="stable"))[:2]
     assert [r["index"] for r in result["results"]] == best
@@ -179,7 +185,9 @@ def test_concurrent_mixed_requests_equal_each_request_alone(encoder_worker: Any,
     alone = [call(producer, kind, q(alias), model=alias, **kw) for kind, alias, kw in requests]
     before = _model_stats(producer, encoder_worker)
     with ThreadPoolExecutor(max_workers=50) as pool:
-        sent = list(pool.map(lambda r: producer.send_task(r[0], kwargs={"model": r[1], **r[2]}, queue=q(r[1])), requests))
+        sent = list(
+            pool.map(lambda r: producer.send_task(r[0], kwargs={"model": r[1], **r[2]}, queue=q(r[1])), requests)
+        )
         together = list(pool.map(lambda s: s.get(timeout=120), sent))
     for (kind, _, _), a, b in zip(requests, alone, together):
         if kind == "ner":
@@ -243,7 +251,9 @@ MATRIX = [(task, *case) for task, cases in BAD.items() for case in COMMON_BAD + 
 
 
 @pytest.mark.parametrize("task,label,change,field", MATRIX, ids=[f"{m[0]}-{m[1]}" for m in MATRIX])
-def test_bad_input(task: str, label: str, change: dict[str, Any], field: str, encoder_worker: Any, producer: Celery) -> None:
+def test_bad_input(
+    task: str, label: str, change: dict[str, Any], field: str, encoder_worker: Any, producer: Celery
+) -> None:
     alias, kwargs = VALID[task]
     kwargs = {"model": alias, **kwargs, **change}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}

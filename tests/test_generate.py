@@ -116,7 +116,9 @@ def test_gguf_stop_strings(gen_worker: Any, producer: Celery, llama: Any) -> Non
     words = full.split()
     stop = words[len(words) // 2]
     expected = llama.create_completion(PROMPT, max_tokens=40, temperature=0, stop=[stop])
-    result = call(producer, "generate", q("gemma"), model="gemma", prompt=PROMPT, max_tokens=40, temperature=0, stop=stop)
+    result = call(
+        producer, "generate", q("gemma"), model="gemma", prompt=PROMPT, max_tokens=40, temperature=0, stop=stop
+    )
     assert result["text"] == expected["choices"][0]["text"] == full[: full.index(stop)]
     assert result["finish_reason"] == "stop"
 
@@ -139,7 +141,15 @@ def test_gguf_prompt_too_long(gen_worker: Any, producer: Celery) -> None:
 
 
 def test_gguf_sampling_with_seed_is_repeatable(gen_worker: Any, producer: Celery) -> None:
-    kwargs = {"model": "gemma", "prompt": PROMPT, "max_tokens": 20, "temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 7}
+    kwargs = {
+        "model": "gemma",
+        "prompt": PROMPT,
+        "max_tokens": 20,
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "top_k": 40,
+        "seed": 7,
+    }
     first = call(producer, "generate", q("gemma"), **kwargs)
     second = call(producer, "generate", q("gemma"), **kwargs)
     assert first["text"] == second["text"] and first["usage"]["completion_tokens"] > 0
@@ -168,11 +178,15 @@ def test_transformers_chat_with_template(gen_worker: Any, producer: Celery, tiny
     rendered = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert rendered.endswith("[assistant]")
     expected, _ = hf_greedy(tiny_lms["tiny-chat"], rendered, 16, add_special_tokens=False)
-    result = call(producer, "generate", q("tiny-chat"), model="tiny-chat", messages=MESSAGES, max_tokens=16, temperature=0)
+    result = call(
+        producer, "generate", q("tiny-chat"), model="tiny-chat", messages=MESSAGES, max_tokens=16, temperature=0
+    )
     assert result["text"] == expected
 
 
-def test_transformers_chat_without_template_uses_the_fallback(gen_worker: Any, producer: Celery, tiny_lms: dict[str, str]) -> None:
+def test_transformers_chat_without_template_uses_the_fallback(
+    gen_worker: Any, producer: Celery, tiny_lms: dict[str, str]
+) -> None:
     rendered = "system: You are a helpful assistant.\nuser: Tell me about the city of Rome.\nassistant:"
     expected, _ = hf_greedy(tiny_lms["tiny"], rendered, 16)
     result = call(producer, "generate", q("tiny"), model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
@@ -182,7 +196,9 @@ def test_transformers_chat_without_template_uses_the_fallback(gen_worker: Any, p
 def test_transformers_stop_and_length(gen_worker: Any, producer: Celery, tiny_lms: dict[str, str]) -> None:
     full, _ = hf_greedy(tiny_lms["tiny"], PROMPT, 24)
     stop = full.split()[len(full.split()) // 2]
-    result = call(producer, "generate", q("tiny"), model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop])
+    result = call(
+        producer, "generate", q("tiny"), model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop]
+    )
     assert result["text"] == full[: full.index(stop)] and result["finish_reason"] == "stop"
     capped = call(producer, "generate", q("tiny"), model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
     assert capped["finish_reason"] == "length" and capped["usage"]["completion_tokens"] == 4
@@ -199,7 +215,9 @@ def test_transformers_prompt_too_long(gen_worker: Any, producer: Celery) -> None
 
 
 def test_late_reader_replays_the_stream(gen_worker: Any, client: Any, producer: Celery) -> None:
-    task_id = client.send("generate", model="gemma", queue=q("gemma"), prompt=PROMPT, max_tokens=20, temperature=0, stream=True)
+    task_id = client.send(
+        "generate", model="gemma", queue=q("gemma"), prompt=PROMPT, max_tokens=20, temperature=0, stream=True
+    )
     producer.AsyncResult(task_id).get(timeout=60)  # finished before anyone read
     messages = list(client.read_stream(task_id, timeout=30))
     text = check_stream(messages)
@@ -207,7 +225,9 @@ def test_late_reader_replays_the_stream(gen_worker: Any, client: Any, producer: 
 
 
 def test_reader_that_drops_half_way_resumes_from_seq(gen_worker: Any, client: Any) -> None:
-    task_id = client.send("generate", model="gemma", queue=q("gemma"), prompt=PROMPT, max_tokens=40, temperature=0, stream=True)
+    task_id = client.send(
+        "generate", model="gemma", queue=q("gemma"), prompt=PROMPT, max_tokens=40, temperature=0, stream=True
+    )
     first: list[dict[str, Any]] = []
     for message in client.read_stream(task_id, timeout=60):
         first.append(message)
@@ -227,7 +247,12 @@ def test_async_stream_reader(gen_worker: Any, redis_url: str) -> None:
     async def run() -> list[dict[str, Any]]:
         c = InferenceClient(redis_url)
         try:
-            return [m async for m in c.astream_generate("gemma", queue=q("gemma"), prompt=PROMPT, max_tokens=10, temperature=0)]
+            return [
+                m
+                async for m in c.astream_generate(
+                    "gemma", queue=q("gemma"), prompt=PROMPT, max_tokens=10, temperature=0
+                )
+            ]
         finally:
             await c.aclose()
 
@@ -240,7 +265,9 @@ def test_async_stream_reader(gen_worker: Any, redis_url: str) -> None:
 @pytest.mark.parametrize("how", ["revoke", "redis-key"])
 @pytest.mark.parametrize("alias", ["gemma", "tiny"])
 def test_cancel_running_generation(how: str, alias: str, gen_worker: Any, client: Any, producer: Celery) -> None:
-    stream = client.stream_generate(alias, queue=q(alias), prompt=PROMPT, max_tokens=2000 if alias == "tiny" else 900, temperature=0.8, seed=1)
+    stream = client.stream_generate(
+        alias, queue=q(alias), prompt=PROMPT, max_tokens=2000 if alias == "tiny" else 900, temperature=0.8, seed=1
+    )
     cancelled_at = None
     messages = []
     for message in stream:

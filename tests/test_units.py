@@ -47,7 +47,10 @@ def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     settings = _settings(
         tmp_path,
         monkeypatch,
-        {"concurrency": 5, "models": {"a": {"task": "embed", "source": "x"}, "b": {"task": "ner", "source": "y", "queue": "q"}}},
+        {
+            "concurrency": 5,
+            "models": {"a": {"task": "embed", "source": "x"}, "b": {"task": "ner", "source": "y", "queue": "q"}},
+        },
     )
     assert settings.concurrency == 3
     assert list(settings.hosted) == ["b"] and settings.queue_of("b") == "q"
@@ -63,12 +66,21 @@ def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ({"models": {}}, "registry is empty"),
         ({"models": {"m": {"task": "embed", "source": "x"}}, "serve": ["n"]}, "serve"),
         ({"models": {"m": {"task": "embed", "source": "x"}}, "device": "tpu"}, "device"),
-        ({"models": {"m": {"task": "embed", "source": "x"}}, "time_limits": {"generate": 100}, "visibility_timeout": 50}, "visibility_timeout"),
+        (
+            {
+                "models": {"m": {"task": "embed", "source": "x"}},
+                "time_limits": {"generate": 100},
+                "visibility_timeout": 50,
+            },
+            "visibility_timeout",
+        ),
         ({"models": {"m": {"task": "embed", "source": "x"}}, "concurrency": 0}, "concurrency"),
         ({"modles": {}}, "modles"),
     ],
 )
-def test_bad_registry_names_the_problem(config: dict[str, Any], needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_registry_names_the_problem(
+    config: dict[str, Any], needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from worker.settings import ConfigError
 
     with pytest.raises(ConfigError, match="invalid worker configuration") as info:
@@ -78,7 +90,9 @@ def test_bad_registry_names_the_problem(config: dict[str, Any], needle: str, tmp
 
 def test_a_bad_registry_stops_the_worker_at_boot(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"models": {"m": {"task": "embed", "source": "x", "batching": {"max_batch_size": 0}}}}))
+    path.write_text(
+        yaml.safe_dump({"models": {"m": {"task": "embed", "source": "x", "batching": {"max_batch_size": 0}}}})
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "worker", "worker"],
         cwd=Path(__file__).resolve().parent.parent,
@@ -93,7 +107,9 @@ def test_a_bad_registry_stops_the_worker_at_boot(tmp_path: Path) -> None:
 
 def test_a_model_that_fails_to_load_stops_the_worker(tmp_path: Path) -> None:
     path = tmp_path / "missing.yaml"
-    path.write_text(yaml.safe_dump({"models": {"m": {"task": "embed", "source": str(tmp_path / "nowhere")}}, "device": "cpu"}))
+    path.write_text(
+        yaml.safe_dump({"models": {"m": {"task": "embed", "source": str(tmp_path / "nowhere")}}, "device": "cpu"})
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "worker", "worker"],
         cwd=Path(__file__).resolve().parent.parent,
@@ -249,3 +265,12 @@ def test_cursor_resuming_after_the_end_is_done_at_once() -> None:
     assert cursor.offer({"seq": 3, "type": "token", "text": "x"}) == []
     assert not cursor.done
     assert cursor.offer({"seq": 4, "type": "end"}) == [] and cursor.done
+
+
+def test_the_producer_imports_neither_torch_nor_transformers() -> None:
+    code = (
+        "import sys, producer, producer.streams, producer.client; "
+        "heavy = [m for m in ('torch', 'transformers', 'llama_cpp') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)

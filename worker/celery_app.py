@@ -53,8 +53,7 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         # running generation REVOKED and its real result would be lost
         "task_track_started": True,
         "task_annotations": {
-            kind: {"time_limit": limit, "soft_time_limit": limit * 0.95}
-            for kind, limit in settings.time_limits.items()
+            kind: {"time_limit": limit, "soft_time_limit": limit * 0.95} for kind, limit in settings.time_limits.items()
         },
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,

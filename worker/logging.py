@@ -23,9 +23,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
         structlog.processors.StackInfoRenderer(),
     ]
     renderer = (
-        structlog.processors.JSONRenderer()
-        if json_lines
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

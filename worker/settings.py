@@ -34,9 +34,7 @@ class BatchingSettings(BaseModel):
     max_batch_tokens: int = Field(
         16384, ge=1, description="Most padded tokens (rows x longest row) in one forward pass."
     )
-    max_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="How long a forward pass may wait for more requests."
-    )
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a forward pass may wait for more requests.")
 
 
 class ModelSpec(BaseModel):
@@ -67,7 +65,9 @@ class ModelSpec(BaseModel):
     n_ctx: int = Field(4096, ge=16, description="GGUF context window in tokens.")
     n_batch: int = Field(512, ge=1, description="GGUF prompt-processing batch size.")
     n_threads: int | None = Field(None, ge=1, description="GGUF CPU threads; default: all cores.")
-    n_gpu_layers: int | None = Field(None, ge=-1, description="GGUF layers on the GPU; default -1 on a GPU, 0 on the CPU.")
+    n_gpu_layers: int | None = Field(
+        None, ge=-1, description="GGUF layers on the GPU; default -1 on a GPU, 0 on the CPU."
+    )
     chat_format: str | None = Field(
         None, description="GGUF chat format name (llama-cpp's); default: the template in the GGUF metadata."
     )
@@ -154,7 +154,9 @@ class WorkerSettings(BaseSettings):
     log_level: str = Field("INFO")
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):  # type: ignore[override]
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):  # type: ignore[override]
         return (init_settings, env_settings, _YamlFileSource(settings_cls))
 
     @field_validator("time_limits")
