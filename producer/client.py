@@ -1,16 +1,13 @@
 """Send tasks by name over the Celery protocol and wait for results in Redis.
 
-Waiting subscribes to the result backend's channel for the task (the Redis backend
-publishes every stored result on its key) and then reads the key, so a result stored
-before the subscription is not missed and no polling loop runs. The same code serves
-synchronous callers and asyncio ones (``await client.aembed(...)`` in a FastAPI handler).
+Results are awaited over one shared pub/sub connection per client (producer/results.py):
+no polling, and no connection per waiting request. The same client serves synchronous
+callers and asyncio ones (``await client.aembed(...)`` in a FastAPI handler).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -20,9 +17,9 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from models.errors import InferenceError, InvalidRequest, TimeLimitReached, TransientError, WorkerError
+from producer.results import AsyncResultWaiter, ResultWaiter
 from producer.streams import STREAM_PREFIX, aread_stream, read_stream
 
-RESULT_PREFIX = "celery-task-meta-"
 _KNOWN_ERRORS: dict[str, type[Exception]] = {
     "InvalidRequest": InvalidRequest,
     "InferenceError": InferenceError,
@@ -71,7 +68,9 @@ class InferenceClient:
             broker_connection_retry_on_startup=True,
         )
         self._redis = redis.Redis.from_url(redis_url)
+        self._waiter = ResultWaiter(self._redis)
         self._aredis: aioredis.Redis | None = None
+        self._awaiter: AsyncResultWaiter | None = None
 
     # -- sending ------------------------------------------------------------------------
 
@@ -91,42 +90,13 @@ class InferenceClient:
     # -- waiting ------------------------------------------------------------------------
 
     def wait(self, task_id: str, timeout: float) -> dict[str, Any]:
-        key = RESULT_PREFIX + task_id
-        deadline = time.monotonic() + timeout
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(key)
-            while True:
-                raw = self._redis.get(key)
-                meta = json.loads(raw) if raw else None
-                if meta and meta.get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
-                    return decode_result(meta)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"task {task_id}: no result within {timeout:.1f}s")
-                # a message means the key changed (STARTED, then the result): read it again
-                pubsub.get_message(timeout=min(left, 1.0))
-        finally:
-            pubsub.close()
+        """The task's result, or its error raised as the contract's type."""
+        return decode_result(self._waiter.wait(task_id, timeout))
 
     async def await_result(self, task_id: str, timeout: float) -> dict[str, Any]:
-        client = self._async_redis()
-        key = RESULT_PREFIX + task_id
-        deadline = time.monotonic() + timeout
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(key)
-            while True:
-                raw = await client.get(key)
-                meta = json.loads(raw) if raw else None
-                if meta and meta.get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
-                    return decode_result(meta)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"task {task_id}: no result within {timeout:.1f}s")
-                await pubsub.get_message(timeout=min(left, 1.0))
-        finally:
-            await pubsub.aclose()
+        if self._awaiter is None:
+            self._awaiter = AsyncResultWaiter(self._async_redis())
+        return decode_result(await self._awaiter.wait(task_id, timeout))
 
     def call(
         self, task: str, *, model: str, timeout: float | None = None, queue: str | None = None, **kwargs: Any
@@ -244,11 +214,15 @@ class InferenceClient:
         return self._aredis
 
     def close(self) -> None:
+        self._waiter.close()
         self._redis.close()
         self.celery.close()
 
     async def aclose(self) -> None:
         """Close every connection, the asyncio ones included."""
+        if self._awaiter is not None:
+            await self._awaiter.close()
+            self._awaiter = None
         if self._aredis is not None:
             await self._aredis.aclose()
             self._aredis = None
