@@ -75,7 +75,10 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _default_backend(self) -> ModelSpec:
         if self.backend is None:
-            self.backend = "llama_cpp" if self.source.lower().endswith(".gguf") else "transformers"
+            # a .gguf file, or a bundled package that ships one (package:...-gguf)
+            source = self.source.lower()
+            gguf = source.endswith(".gguf") or (source.startswith("package:") and source.endswith("gguf"))
+            self.backend = "llama_cpp" if gguf else "transformers"
         if self.backend == "llama_cpp" and self.task != "generate":
             raise ValueError(f"backend llama_cpp serves only task 'generate', not {self.task!r}")
         return self
