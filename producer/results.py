@@ -32,6 +32,15 @@ def _final(raw: bytes | str | None) -> dict[str, Any] | None:
     return meta if meta.get("status") in FINAL_STATES else None
 
 
+def _result_message(message: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
+    """(result key, final meta or None) of a pub/sub message."""
+    if message is None or message.get("type") != "message":
+        return "", None
+    channel = message["channel"]
+    key = channel.decode() if isinstance(channel, bytes) else channel
+    return key, _final(message["data"])
+
+
 class ResultWaiter:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
@@ -77,13 +86,9 @@ class ResultWaiter:
                 if self._closed:
                     return
                 raise
-            if message is None or message.get("type") != "message":
-                continue
-            channel = message["channel"]
-            key = channel.decode() if isinstance(channel, bytes) else channel
-            meta = _final(message["data"])
-            waiter = self._waiting.get(key)
-            if meta is not None and waiter is not None:
+            key, meta = _result_message(message)
+            waiter = self._waiting.get(key) if meta is not None else None
+            if waiter is not None:
                 waiter[1].append(meta)
                 waiter[0].set()
 
@@ -130,13 +135,9 @@ class AsyncResultWaiter:
             except (redis.ConnectionError, redis.TimeoutError):
                 await asyncio.sleep(0.5)
                 continue
-            if message is None or message.get("type") != "message":
-                continue
-            channel = message["channel"]
-            key = channel.decode() if isinstance(channel, bytes) else channel
-            meta = _final(message["data"])
-            future = self._waiting.get(key)
-            if meta is not None and future is not None and not future.done():
+            key, meta = _result_message(message)
+            future = self._waiting.get(key) if meta is not None else None
+            if future is not None and not future.done():
                 future.set_result(meta)
 
     async def close(self) -> None:
