@@ -49,7 +49,10 @@ class StreamPublisher:
         data = json.dumps({"task_id": self.task_id, "seq": self.seq, **message}, ensure_ascii=False)
         pipe = self.client.pipeline(transaction=False)
         pipe.xadd(self.key, {"data": data})
-        pipe.expire(self.key, self.ttl)
+        if self.seq == 0 or message["type"] != "token":
+            # the first message bounds an orphaned stream (a worker that died); the last
+            # one restarts the clock, so the Stream lives ``ttl`` after its end
+            pipe.expire(self.key, self.ttl)
         pipe.publish(self.key, data)
         pipe.execute()
         self.seq += 1
