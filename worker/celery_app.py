@@ -50,10 +50,12 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "task_create_missing_queues": False,
         # STARTED in the backend is what tells every *other* worker receiving a revoke()
         # broadcast that the task is running elsewhere; without it they would mark a
-        # running generation REVOKED and its real result would be lost
-        "task_track_started": True,
+        # running generation REVOKED and its real result would be lost. Only generate is
+        # cancellable, so only it pays the extra write (see task_annotations)
+        "task_track_started": False,
         "task_annotations": {
-            kind: {"time_limit": limit, "soft_time_limit": limit * 0.95} for kind, limit in settings.time_limits.items()
+            kind: {"time_limit": limit, "soft_time_limit": limit * 0.95, "track_started": kind == "generate"}
+            for kind, limit in settings.time_limits.items()
         },
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
