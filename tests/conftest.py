@@ -83,14 +83,15 @@ class WorkerProcess:
         self.ready_event: dict[str, Any] | None = None
 
     def start(self, timeout: float = WORKER_BOOT_TIMEOUT) -> WorkerProcess:
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", self.name, "--without-gossip"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with self.log_path.open("wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", self.name, "--without-gossip"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             event = self.find_event("worker.ready")
