@@ -59,7 +59,11 @@ class InferenceClient:
     def __init__(self, redis_url: str = "redis://127.0.0.1:6379/0", timeouts: dict[str, float] | None = None) -> None:
         self.redis_url = redis_url
         self.timeouts = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
-        self.celery = Celery("producer", broker=redis_url, backend=redis_url, set_as_current=False)
+        # no Celery result backend here: results are awaited by our own waiter below. With
+        # one, every send_task would also subscribe Celery's own result consumer to the
+        # task's channel (a second SUBSCRIBE/UNSUBSCRIBE per task, a second copy of every
+        # result published, and a backend connection per sending thread)
+        self.celery = Celery("producer", broker=redis_url, backend="disabled", set_as_current=False)
         self.celery.conf.update(
             task_serializer="json",
             result_serializer="json",

@@ -34,10 +34,11 @@ def _setup_logging(**_: Any) -> None:
 
 def load_models(settings: WorkerSettings) -> None:
     """Load, warm and register every hosted model; any failure stops the worker."""
-    # OpenMP threads that spin after each parallel region burn the cores the pool's
-    # threads need between forward passes; let them sleep instead. Must be set before
-    # torch (and its OpenMP runtime) loads; an operator's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's wait policy is left at its default (spin briefly, then sleep): torch and
+    # llama.cpp share one libgomp in this process, and llama.cpp's barriers between the
+    # ops of each token need the spin; OMP_WAIT_POLICY=PASSIVE made GGUF decoding ~1.7x
+    # slower. An encoder-only worker may trade a little for CPU with GOMP_SPINCOUNT
+    # (README, "Tuning").
     import torch
 
     from models.device import resolve_device

@@ -10,13 +10,17 @@ its last message. ``seq`` starts at 0 and grows by one; a stream ends with exact
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from typing import Any
 
 import redis
+import structlog
 
 from worker.celery_app import current_settings
+
+log = structlog.get_logger(__name__)
 
 _client: redis.Redis | None = None
 _client_lock = threading.Lock()
@@ -35,6 +39,18 @@ def worker_redis() -> redis.Redis:
 
 
 class StreamPublisher:
+    """Publishes one generation's stream, in order, without making the generation wait.
+
+    ``token`` only queues the message: a writer thread sends what is queued in one
+    pipelined round trip (several messages at once when it falls behind), so decoding
+    overlaps the Redis writes. ``end`` and ``error`` queue the last message and wait
+    until everything is written, so the stream is complete before the task's result is
+    stored. A failed write is raised by the next call.
+    """
+
+    IDLE_EXIT_S = 5.0  # the writer thread ends after this long with nothing to send
+    FLUSH_TIMEOUT_S = 10.0
+
     def __init__(self, client: redis.Redis, task_id: str, ttl: int) -> None:
         self.client = client
         self.task_id = task_id
@@ -42,32 +58,89 @@ class StreamPublisher:
         self.ttl = ttl
         self.seq = 0
         self.closed = False
-
-    def _emit(self, message: dict[str, Any]) -> None:
-        if self.closed:
-            raise RuntimeError(f"stream {self.key} already ended")
-        data = json.dumps({"task_id": self.task_id, "seq": self.seq, **message}, ensure_ascii=False)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(self.key, {"data": data})
-        if self.seq == 0 or message["type"] != "token":
-            # the first message bounds an orphaned stream (a worker that died); the last
-            # one restarts the clock, so the Stream lives ``ttl`` after its end
-            pipe.expire(self.key, self.ttl)
-        pipe.publish(self.key, data)
-        pipe.execute()
-        self.seq += 1
+        self._queue: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self._failure: BaseException | None = None
 
     def token(self, text: str) -> None:
         self._emit({"type": "token", "text": text})
 
     def end(self, finish_reason: str, usage: dict[str, int]) -> None:
-        self._emit({"type": "end", "finish_reason": finish_reason, "usage": usage})
-        self.closed = True
+        self._emit({"type": "end", "finish_reason": finish_reason, "usage": usage}, last=True)
 
     def error(self, error_type: str, message: str) -> None:
-        if not self.closed:
-            self._emit({"type": "error", "error": {"type": error_type, "message": message}})
-            self.closed = True
+        """Best effort: the task is failing already, and a failed write must not mask why."""
+        if self.closed:
+            return
+        try:
+            self._emit({"type": "error", "error": {"type": error_type, "message": message}}, last=True)
+        except (RuntimeError, TimeoutError) as exc:
+            log.warning("stream.error_not_written", key=self.key, reason=str(exc))
+
+    def _emit(self, message: dict[str, Any], last: bool = False) -> None:
+        if self.closed:
+            raise RuntimeError(f"stream {self.key} already ended")
+        if self._failure is not None:
+            self.closed = self.closed or last
+            self._raise_failure()
+        data = json.dumps({"task_id": self.task_id, "seq": self.seq, **message}, ensure_ascii=False)
+        # the first message bounds an orphaned stream (a worker that died); the last one
+        # restarts the clock, so the Stream lives ``ttl`` after its end
+        expire = self.seq == 0 or last
+        self.seq += 1
+        with self._lock:
+            self._queue.put((data, expire))
+            if last:
+                self.closed = True
+                self._queue.put(None)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name=f"stream-{self.task_id}", daemon=True)
+                self._writer.start()
+            writer = self._writer
+        if last:
+            writer.join(self.FLUSH_TIMEOUT_S)
+            if writer.is_alive():
+                raise TimeoutError(f"stream {self.key}: not written within {self.FLUSH_TIMEOUT_S:.0f}s")
+            self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"stream {self.key}: write failed: {self._failure}") from self._failure
+
+    def _write_loop(self) -> None:
+        while True:
+            try:
+                batch = [self._queue.get(timeout=self.IDLE_EXIT_S)]
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._writer = None
+                        return
+                continue
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if self._failure is None:
+                try:
+                    self._send([item for item in batch if item is not None])
+                except Exception as exc:  # noqa: BLE001 - handed to the generation thread
+                    self._failure = exc
+            if None in batch:
+                return
+
+    def _send(self, items: list[tuple[str, bool]]) -> None:
+        if not items:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for data, expire in items:
+            pipe.xadd(self.key, {"data": data})
+            if expire:
+                pipe.expire(self.key, self.ttl)
+            pipe.publish(self.key, data)
+        pipe.execute()
 
 
 class CancelWatch:
