@@ -1,7 +1,8 @@
 """Streaming generation through the worker vs the backend library called directly.
 
-For each runtime, measured one after the other (the direct model is freed before the
-worker starts, and the worker is stopped before anything else runs: never concurrently):
+For each runtime, the direct path and the worker take turns, one generation each
+(direct-worker, then worker-direct, ...), never running at the same time; a change in the
+machine's speed during the run (other tenants on a shared host) then weighs on both alike:
 
 * ``llama_cpp``, the bundled Gemma-3 270M GGUF:
   - direct: ``Llama(...).create_completion(prompt, stream=True, temperature=0, ...)`` in
@@ -38,6 +39,8 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,15 +100,11 @@ def prompts(args: Any) -> list[str]:
     return [args.prompt] * n
 
 
-def repeat(fn: Any, args: Any) -> list[Run]:
-    runs = [fn(p) for p in prompts(args)]
-    return runs[args.warmup :]
-
-
 # -- llama.cpp ------------------------------------------------------------------------------
 
 
-def llama_direct(path: str, args: Any) -> list[Run]:
+@contextmanager
+def llama_direct(path: str, args: Any) -> Iterator[Callable[[str], Run]]:
     from llama_cpp import Llama
 
     llm = Llama(
@@ -127,13 +126,15 @@ def llama_direct(path: str, args: Any) -> list[Run]:
             run.end = time.perf_counter()
             return run
 
-        h.log(f"llama.cpp direct: {args.warmup}+{args.reps} generations of {args.max_tokens} tokens")
-        return repeat(one, args)
+        yield one
     finally:
-        llm.close()  # frees the context and weights now; the object goes with this frame
+        llm.close()
 
 
-def worker_stream(alias: str, spec: dict[str, Any], args: Any, workdir: Path, label: str) -> list[Run]:
+@contextmanager
+def worker_stream(
+    alias: str, spec: dict[str, Any], args: Any, workdir: Path, label: str
+) -> Iterator[Callable[[str], Run]]:
     spec = {**spec, "queue": h.unique(f"gen-{label}")}
     client = h.client(args.redis_url, timeouts={"generate": args.task_timeout})
     settings: dict[str, Any] = {"concurrency": 1}
@@ -168,10 +169,24 @@ def worker_stream(alias: str, spec: dict[str, Any], args: Any, workdir: Path, la
                 run.end = time.perf_counter()
                 return run
 
-            h.log(f"worker ({label}): {args.warmup}+{args.reps} streamed generations of {args.max_tokens} tokens")
-            return repeat(one, args)
+            yield one
     finally:
         client.close()
+
+
+def interleaved(
+    direct: Callable[[str], Run], worker: Callable[[str], Run], args: Any, label: str
+) -> tuple[list[Run], list[Run]]:
+    """Both paths in turns (direct-worker, worker-direct, ...), so that a change in the
+    machine's speed during the run (other tenants, clocks) weighs on both alike."""
+    h.log(f"{label}: {args.warmup}+{args.reps} generations of {args.max_tokens} tokens per path, interleaved")
+    d: list[Run] = []
+    w: list[Run] = []
+    for i, prompt in enumerate(prompts(args)):
+        order = [(direct, d), (worker, w)]
+        for fn, runs in order if i % 2 == 0 else order[::-1]:
+            runs.append(fn(prompt))
+    return d[args.warmup :], w[args.warmup :]
 
 
 # -- transformers ---------------------------------------------------------------------------
@@ -224,7 +239,8 @@ def gemma_hf_folder(gguf: str) -> Path:
     return target
 
 
-def hf_direct(folder: str, args: Any) -> list[Run]:
+@contextmanager
+def hf_direct(folder: str, args: Any) -> Iterator[Callable[[str], Run]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
@@ -265,8 +281,7 @@ def hf_direct(folder: str, args: Any) -> list[Run]:
         run.tokens = int(new.shape[0]) - (1 if new.shape[0] and int(new[-1]) in eos_ids else 0)
         return run
 
-    h.log(f"transformers direct: {args.warmup}+{args.reps} generations of {args.max_tokens} tokens")
-    return repeat(one, args)  # the model goes with this frame; the caller collects
+    yield one
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -327,7 +342,7 @@ Same text as the direct call in {same} of {len(direct)} repetitions (greedy deco
 def main() -> None:
     p = h.parser(__doc__.split("\n\n")[0])
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens per generation")
-    p.add_argument("--reps", type=int, default=5, help="timed generations per path (the median is reported)")
+    p.add_argument("--reps", type=int, default=7, help="timed generations per path (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed generations first")
     p.add_argument("--prompt", default=PROMPT, help="the prompt (raw completion)")
     p.add_argument("--vary-prompt", action="store_true", help="a different prompt per request")
@@ -357,8 +372,6 @@ def main() -> None:
                 hf_folder = str(gemma_hf_folder(gguf))
         parts = []
         if "llama_cpp" in runtimes:
-            direct = llama_direct(gguf, args)
-            h.free()  # the direct model is gone before the worker starts
             spec = {
                 "task": "generate",
                 "source": gguf,
@@ -368,36 +381,45 @@ def main() -> None:
                 "n_threads": args.n_threads,
                 "n_gpu_layers": 0,
             }
-            served = worker_stream("gemma", spec, args, wd, "llama")
+            with worker_stream("gemma", spec, args, wd, "llama") as served, llama_direct(gguf, args) as direct:
+                direct_runs, served_runs = interleaved(direct, served, args, "llama.cpp")
             parts.append(
                 section(
                     "llama.cpp",
                     f"Gemma-3 270M Q4_K_M GGUF, n_threads {args.n_threads}, n_ctx {args.n_ctx}",
                     "direct `create_completion(stream=True)`",
-                    direct,
-                    served,
+                    direct_runs,
+                    served_runs,
                 )
             )
+            h.free()
         if "transformers" in runtimes:
             assert hf_folder is not None
-            direct = hf_direct(hf_folder, args)
-            h.free()
             spec = {"task": "generate", "source": hf_folder, "backend": "transformers", "dtype": "float32"}
-            served = worker_stream("lm", spec, args, wd, "hf")
+            with worker_stream("lm", spec, args, wd, "hf") as served, hf_direct(hf_folder, args) as direct:
+                direct_runs, served_runs = interleaved(direct, served, args, "transformers")
+            h.free()
             model = (
                 "tiny seeded Llama (tests/model_builders.py)" if args.tiny else "Gemma-3 270M from the GGUF, float32"
             )
             parts.append(
-                section("transformers", model, "direct `generate(streamer=TextIteratorStreamer)`", direct, served)
+                section(
+                    "transformers",
+                    model,
+                    "direct `generate(streamer=TextIteratorStreamer)`",
+                    direct_runs,
+                    served_runs,
+                )
             )
 
     body = (
         f"Prompt: {len(args.prompt)} characters, raw completion, temperature 0, max_tokens {args.max_tokens}, "
-        f"median of {args.reps} after {args.warmup} warm-up{'; a different prompt per request' if args.vary_prompt else ''}.\n"
+        f"median of {args.reps} per path after {args.warmup} warm-up, the two paths taking turns"
+        f"{'; a different prompt per request' if args.vary_prompt else ''}.\n"
         "TTFT: request start to the first piece of text (through the worker: send, queue, task start, "
         "prompt, first token, Redis pub/sub). Decode: (completion tokens - 1) / (end - first piece). "
-        "The worker's GGUF runtime also runs a pass-through logits processor (its token counter) and polls "
-        "for cancellation; both are in its numbers.\n\n" + "\n".join(parts)
+        "The worker's numbers include its cancellation checks, its token counting and the reader "
+        "(this process) sharing the machine's cores.\n\n" + "\n".join(parts)
     )
     h.report("bench_generate", "Generate: worker streaming vs the library directly", body, args)
 

@@ -8,7 +8,6 @@ solo pool that is the serving process itself; with prefork each child loads its 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
