@@ -14,15 +14,18 @@ The batcher waits for more work only while other requests are known to be on the
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from models.compute import ComputeThread
 from models.errors import InferenceError
 
 log = structlog.get_logger(__name__)
@@ -100,7 +103,9 @@ def plan_batches(lengths: Sequence[int], limits: BatchLimits) -> list[list[int]]
 
 
 class DynamicBatcher:
-    def __init__(self, name: str, forward: ForwardFn, limits: BatchLimits) -> None:
+    def __init__(self, name: str, forward: ForwardFn, limits: BatchLimits, runner: ComputeThread | None = None) -> None:
+        """``runner``: the model's compute thread, which then hosts the batching loop (and,
+        with batching off, every forward pass); without one the batcher starts its own."""
         self.name = name
         self.limits = limits
         self.stats = BatchStats()
@@ -110,11 +115,20 @@ class DynamicBatcher:
         self._pending_rows = 0
         self._active = 0  # requests that entered the model and may submit soon
         self._closed = False
+        self._runner = runner
         self._thread: threading.Thread | None = None
+        self._loop_done: Future[None] | None = None
         self._last_log = time.monotonic()
         if limits.enabled:
-            self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-            self._thread.start()
+            if runner is not None:
+                self._loop_done = runner.submit(self._loop)
+            else:
+                self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+                self._thread.start()
+
+    @property
+    def _looping(self) -> bool:
+        return self._thread is not None or self._loop_done is not None
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -134,8 +148,11 @@ class DynamicBatcher:
             return []
         request = _Request(items=items, outputs=[None] * len(items), remaining=len(items))
         self.stats.requests += 1
-        if self._thread is None:
-            self._execute([request])
+        if not self._looping:
+            if self._runner is not None:
+                self._runner.run(self._execute, [request])
+            else:
+                self._execute([request])
         else:
             with self._cond:
                 if self._closed:
@@ -155,6 +172,9 @@ class DynamicBatcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._loop_done is not None:
+            with contextlib.suppress(Exception):
+                self._loop_done.result(timeout=5)
 
     # -- the batching thread ------------------------------------------------------------
 

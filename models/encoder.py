@@ -24,6 +24,7 @@ from transformers import (
 
 from models.base import CLASSIFY, EMBED, NER, RERANK
 from models.batcher import BatchLimits, DynamicBatcher, Features
+from models.compute import ComputeThread
 from models.device import flash_attention_available, resolve_dtype
 from models.ner import aggregate_simple
 from models.pooling import PoolingConfig, pool, read_pooling_config
@@ -61,12 +62,19 @@ class EncoderRuntime:
         self.device = options.device
         self._limits = limits
         self.batcher: DynamicBatcher | None = None
+        self.compute: ComputeThread | None = None
         self.pooling: PoolingConfig | None = None
         self.max_length = 512
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def load(self) -> None:
+        # loading, warm-up and every forward pass on the model's own thread (models/compute.py)
+        self.compute = ComputeThread(self.alias)
+        self.compute.run(self._load)
+        self.batcher = DynamicBatcher(self.alias, self._forward, self._limits, runner=self.compute)
+
+    def _load(self) -> None:
         opts = self.options
         common: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "revision": opts.revision}
         # config first: it tells the max length and the labels before any weights load
@@ -89,7 +97,6 @@ class EncoderRuntime:
             raise ValueError(f"task: a rerank model needs one output logit, {opts.source} has {self.config.num_labels}")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
-        self.batcher = DynamicBatcher(self.alias, self._forward, self._limits)
 
     def warmup(self) -> None:
         sample = "The quick brown fox jumps over the lazy dog."
@@ -105,6 +112,8 @@ class EncoderRuntime:
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        if self.compute is not None:
+            self.compute.close()
 
     def stats(self) -> dict[str, Any]:
         return self.batcher.stats.as_dict() if self.batcher is not None else {}

@@ -9,22 +9,19 @@ serialises concurrent requests on a model.
 
 from __future__ import annotations
 
-import contextvars
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 
 from models.base import GENERATE
-from models.errors import InvalidRequest, TimeLimitReached
+from models.compute import ComputeThread
+from models.errors import InferenceError, InvalidRequest, TimeLimitReached
 from models.generation import GenerationControl, GenerationParams, GenerationResult, StopScanner, check_context
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,20 +57,13 @@ class GGUFRuntime:
         self.alias = alias
         self.options = options
         self.capabilities = frozenset({GENERATE})
-        # Every llama.cpp call (load, warm-up, each generation) runs on this one thread,
-        # which also serialises generations on the model's single context. libgomp gives
-        # each thread that starts parallel work its own team of threads, and once a
-        # process holds more of them than it has CPUs it stops spinning at barriers:
-        # llama.cpp, whose threads meet at a barrier after every op, then decodes ~20%
-        # slower on the CPU (measured: warm-up on one thread, requests on another).
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{alias}")
-        self._formatter: Any = None
-
-    def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        return self._thread.submit(fn, *args).result()
+        # every llama.cpp call (load, warm-up, each generation) runs on the model's own
+        # thread (see models/compute.py), which also serialises generations on its context
+        self._compute = ComputeThread(alias)
+        self._steps = _StepCounter()
 
     def load(self) -> None:
-        self._on_thread(self._load)
+        self._compute.run(self._load)
 
     def _load(self) -> None:
         from llama_cpp import Llama
@@ -123,8 +113,8 @@ class GGUFRuntime:
                 llm.close()
                 self.llm = None
 
-        self._on_thread(close_llm)
-        self._thread.shutdown(wait=False)
+        self._compute.run(close_llm)
+        self._compute.close()
 
     def describe(self) -> dict[str, Any]:
         return {"n_ctx": self.n_ctx, "chat_format": self.llm.chat_format, "path": self.options.path}
@@ -164,16 +154,11 @@ class GGUFRuntime:
 
     def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult:
         """Runs on the model's thread; concurrent requests wait their turn there."""
-        try:
-            # the task's log context (task_id, ...) goes along to the model's thread
-            future = self._thread.submit(contextvars.copy_context().run, self._generate, params, control)
-        except RuntimeError:  # the executor takes no work once closed
-            raise InvalidRequest(f"model: {self.alias} is shutting down") from None
-        return future.result()
+        return self._compute.run(self._generate, params, control)
 
     def _generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult:
         if getattr(self, "llm", None) is None:
-            raise InvalidRequest(f"model: {self.alias} is shutting down")
+            raise InferenceError(f"model {self.alias} is shutting down")
         estimate = self.count_prompt_tokens(params)
         check_context(estimate, params.max_tokens, self.n_ctx)
         # evaluate every prompt from scratch: reusing the previous request's KV prefix

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from models.batcher import BatchLimits, DynamicBatcher, plan_batches
+from models.compute import ComputeThread
 from models.errors import InferenceError
 from models.generation import StopScanner, check_context
 from producer.streams import _Cursor
@@ -219,6 +220,42 @@ def test_unbatched_mode_runs_in_the_callers_thread() -> None:
     batcher = DynamicBatcher("t", forward, BatchLimits(enabled=False, max_batch_size=2))
     assert batcher.run(_items([1, 2, 3]), timeout=5) == [(0, 1), (0, 2), (0, 3)]
     assert len(forward.batches) == 2
+
+
+def test_a_model_thread_hosts_the_batching_loop_and_every_forward_pass() -> None:
+    seen: set[str] = set()
+
+    def forward(items: Any) -> list[int]:
+        seen.add(threading.current_thread().name)
+        return [len(i["input_ids"]) for i in items]
+
+    for enabled in (True, False):
+        compute = ComputeThread(f"m{enabled}")
+        batcher = DynamicBatcher("t", forward, BatchLimits(enabled=enabled), runner=compute)
+        threads = [threading.Thread(target=batcher.run, args=(_items([n]), 5)) for n in range(1, 9)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        assert batcher.run(_items([4, 5]), timeout=5) == [4, 5]
+        batcher.close()
+        compute.close()
+        assert seen == {f"model-m{enabled}_0"}, seen
+        seen.clear()
+
+
+def test_compute_thread_keeps_context_and_errors_and_refuses_work_once_closed() -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    compute = ComputeThread("c")
+    var.set("the caller's")
+    assert compute.run(var.get) == "the caller's"  # log context (task_id...) goes along
+    with pytest.raises(ZeroDivisionError):
+        compute.run(lambda: 1 / 0)
+    compute.close()
+    with pytest.raises(InferenceError, match="shutting down"):
+        compute.run(var.get)
 
 
 # -- generation helpers ------------------------------------------------------------------

@@ -1,0 +1,45 @@
+"""One thread per model for its heavy work: loading, warm-up, forward passes, generation.
+
+On the CPU, torch and llama.cpp run their parallel work on OpenMP (libgomp, one copy
+shared by both in a worker process). libgomp gives every thread that starts parallel
+work a team of threads of its own, and once the process holds more such threads than it
+has CPUs it stops spinning at barriers and sleeps instead. Forward passes meet at a
+barrier after every op, so that costs 20-30% of their speed (measured on a 2-core host:
+a model loaded on one thread and run on another). Keeping each model's work on its own
+thread keeps it to one team; the model's requests queue on that thread in order.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from models.errors import InferenceError
+
+T = TypeVar("T")
+
+
+class ComputeThread:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Queue ``fn(*args)`` on the model's thread, with the caller's log context."""
+        try:
+            return self._executor.submit(contextvars.copy_context().run, fn, *args)
+        except RuntimeError:  # the executor takes no work once shut down
+            raise InferenceError(f"model {self.name} is shutting down") from None
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the model's thread; waits for it and returns or raises its outcome."""
+        future = self.submit(fn, *args)
+        try:
+            return future.result()
+        except CancelledError:  # queued when the model closed
+            raise InferenceError(f"model {self.name} is shutting down") from None
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
