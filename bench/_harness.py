@@ -457,6 +457,28 @@ def timed(fn: Callable[[], Any], reps: int, warmup: int = 1) -> list[float]:
     return out
 
 
+def timed_in_turns(
+    fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1, gap_s: float = 0.01
+) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``, the paths taking turns: each round calls every
+    one once, the order rotating from round to round, ``gap_s`` apart (so no path's OpenMP
+    threads still spin from the call before). A change in the machine's speed during the
+    run (other tenants on a shared host) then weighs on every path alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            time.sleep(gap_s)
+            t0 = time.perf_counter()
+            fns[name]()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 

@@ -1,12 +1,14 @@
 """Embedding throughput and latency through the worker vs SentenceTransformer.encode.
 
-Measured in one run, one after the other (never two at once):
+Measured in one run, never two loads at once:
 
 1. raw ``SentenceTransformer(path).encode`` in this process on the same sentences, at
-   batch 1 and batch 32 (sentences/s), and the p50 of single-sentence ``encode`` calls;
+   batch 1 and batch 32 (sentences/s), before the workers and again after them (the
+   ratios use the mean);
 2. a worker with dynamic batching (the default): P producer threads send one sentence
    per ``embed`` task, N tasks in all (req/s, p50/p99 send-to-result latency), then
-   S sequential single-sentence calls (p50 latency);
+   S sequential single-sentence calls, each paired with a raw ``encode`` of the same
+   sentence (the two in turns), for p50 latency against raw;
 3. the same against a worker with ``batching: {enabled: false}``.
 
 Run by hand (not a test)::
@@ -82,30 +84,45 @@ def make_sentences(n: int, seed: int = 7) -> list[str]:
     return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(TAILS)}." for _ in range(n)]
 
 
-def measure_raw(path: str, sentences: list[str], single: list[str]) -> dict[str, Any]:
+ENCODE_KW = {"normalize_embeddings": True, "show_progress_bar": False, "convert_to_numpy": True}
+
+
+def load_raw(path: str, sentences: list[str]) -> Any:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(path, device="cpu")
-    kw = {"normalize_embeddings": True, "show_progress_bar": False, "convert_to_numpy": True}
-    model.encode(sentences[:64], batch_size=32, **kw)  # warm up
+    model.encode(sentences[:64], batch_size=32, **ENCODE_KW)  # warm up
+    return model
+
+
+def measure_raw(model: Any, sentences: list[str], when: str) -> dict[str, Any]:
+    """Raw ``encode`` throughput at batch 1 and 32 (sentences/s)."""
     out: dict[str, Any] = {}
     for batch in (1, 32):
-        h.log(f"raw encode, batch {batch}, {len(sentences)} sentences")
+        h.log(f"raw encode ({when}), batch {batch}, {len(sentences)} sentences")
         t0 = time.perf_counter()
-        model.encode(sentences, batch_size=batch, **kw)
+        model.encode(sentences, batch_size=batch, **ENCODE_KW)
         wall = time.perf_counter() - t0
         out[f"batch{batch}"] = {"wall": wall, "rate": len(sentences) / wall}
-    h.log(f"raw encode, {len(single)} single-sentence calls")
-    latencies = []
-    for text in single:
-        t0 = time.perf_counter()
-        model.encode(text, **kw)
-        latencies.append(time.perf_counter() - t0)
-    out["single"] = h.summarize(latencies)
-    out["reference"] = model.encode([sentences[0]], **kw)[0]
-    del model
-    h.free()
     return out
+
+
+def paired_latencies(
+    single: list[str], raw_call: Any, worker_call: Any, gap_s: float = 0.01
+) -> tuple[list[float], list[float]]:
+    """Single-sentence calls, raw and through the worker in turns (raw-worker, then
+    worker-raw, ...), with a short gap so neither path's OpenMP threads are still spinning
+    from the call before: a change in the machine's speed weighs on both alike."""
+    raw_lat: list[float] = []
+    worker_lat: list[float] = []
+    for i, text in enumerate(single):
+        order = [(raw_call, raw_lat), (worker_call, worker_lat)]
+        for call, out in order if i % 2 == 0 else order[::-1]:
+            time.sleep(gap_s)
+            t0 = time.perf_counter()
+            call(text)
+            out.append(time.perf_counter() - t0)
+    return raw_lat, worker_lat
 
 
 def measure_worker(
@@ -116,6 +133,7 @@ def measure_worker(
     sentences: list[str],
     single: list[str],
     batching: dict[str, Any] | None,
+    raw_model: Any,
 ) -> dict[str, Any]:
     alias = "minilm"
     queue = h.unique(f"embed-{label}")
@@ -161,13 +179,14 @@ def measure_worker(
             out["load"] = load
             out["lat"] = h.summarize(load.latencies)
 
-            h.log(f"[{label}] {len(single)} sequential single-sentence calls")
-            latencies = []
-            for text in single:
-                t0 = time.perf_counter()
-                client.embed(alias, text, queue=queue, timeout=args.task_timeout)
-                latencies.append(time.perf_counter() - t0)
-            out["single"] = h.summarize(latencies)
+            h.log(f"[{label}] {len(single)} sequential single-sentence calls, raw and worker in turns")
+            raw_lat, worker_lat = paired_latencies(
+                single,
+                lambda text: raw_model.encode(text, **ENCODE_KW),
+                lambda text: client.embed(alias, text, queue=queue, timeout=args.task_timeout),
+            )
+            out["single"] = h.summarize(worker_lat)
+            out["raw_single"] = h.summarize(raw_lat)
             out["vector"] = client.embed(alias, sentences[0], queue=queue, timeout=args.task_timeout)["embeddings"][0]
     finally:
         client.close()
@@ -202,14 +221,21 @@ def main() -> None:
     raw_sentences = sentences[: args.raw_sentences or args.tasks]
     single = sentences[: args.sequential]
 
-    raw = measure_raw(path, raw_sentences, single)
+    model = load_raw(path, sentences)
+    reference = model.encode([sentences[0]], **ENCODE_KW)[0]
+    raw_before = measure_raw(model, raw_sentences, "before the workers")
     with h.workdir(args) as wd:
-        batched = measure_worker("batching", args, wd, path, sentences, single, None)
+        batched = measure_worker("batching", args, wd, path, sentences, single, None, model)
         unbatched = (
             None
             if args.skip_unbatched
-            else measure_worker("no-batching", args, wd, path, sentences, single, {"enabled": False})
+            else measure_worker("no-batching", args, wd, path, sentences, single, {"enabled": False}, model)
         )
+    raw_after = measure_raw(model, raw_sentences, "after the workers")
+    # the raw rates are the mean of the runs before and after the workers' loads
+    raw = {
+        f"batch{b}": {"rate": (raw_before[f"batch{b}"]["rate"] + raw_after[f"batch{b}"]["rate"]) / 2} for b in (1, 32)
+    }
 
     # -- report -------------------------------------------------------------------------------
     rows = []
@@ -232,10 +258,12 @@ def main() -> None:
         )
     for batch in (1, 32):
         r = raw[f"batch{batch}"]
+        before, after = raw_before[f"batch{batch}"]["rate"], raw_after[f"batch{batch}"]["rate"]
         rows.append(
             [
                 f"raw encode, batch {batch}",
-                f"{len(raw_sentences)} sentences in one encode() call",
+                f"{len(raw_sentences)} sentences in one encode() call; before / after the workers: "
+                f"{before:.1f} / {after:.1f}",
                 h.num(r["rate"]),
                 "",
                 "",
@@ -273,19 +301,22 @@ def main() -> None:
     ratio_rows.append(["raw batch 32 / raw batch 1", h.ratio(b32, b1)])
     ratios = h.markdown_table(["ratio", "value"], ratio_rows)
 
-    raw_p50 = raw["single"]["p50"]
-    lat_rows = [["raw encode(text)", h.ms(raw_p50), h.ms(raw["single"]["p99"]), ""]]
-    for label, res in (("worker, batching on", batched), ("worker, batching off", unbatched)):
+    lat_rows = []
+    for label, res in (("batching on", batched), ("batching off", unbatched)):
         if res is not None:
-            s = res["single"]
-            lat_rows.append([label, h.ms(s["p50"]), h.ms(s["p99"]), f"+{(s['p50'] - raw_p50) * 1000:.2f}"])
+            r, w = res["raw_single"], res["single"]
+            lat_rows.append([f"raw encode(text), paired with {label}", h.ms(r["p50"]), h.ms(r["p99"]), ""])
+            lat_rows.append(
+                [f"worker, {label}", h.ms(w["p50"]), h.ms(w["p99"]), f"{(w['p50'] - r['p50']) * 1000:+.2f}"]
+            )
     latency = h.markdown_table(["single sentence, sequential", "p50 ms", "p99 ms", "p50 - raw p50 (ms)"], lat_rows)
 
-    sims = [cosine(res["vector"], raw["reference"]) for res in (batched, unbatched) if res is not None]
+    sims = [cosine(res["vector"], reference) for res in (batched, unbatched) if res is not None]
     body = f"""### Throughput (MiniLM-L6, one short sentence per task)
 
 {throughput}
 
+Raw rates: the mean of a run before and one after the workers' loads.
 Latency is send-to-result per task as a producer sees it. CPU per task is the worker
 process's (user+system) and this benchmark's own (the producers) over the load; both
 share the machine's cores. "rows per forward": sentences per forward pass during the load
@@ -296,6 +327,9 @@ share the machine's cores. "rows per forward": sentences per forward pass during
 ### Single-request latency ({args.sequential} sequential calls, one sentence each)
 
 {latency}
+
+Raw and worker calls take turns (10 ms apart), so each worker row has its own raw
+baseline measured in the same minutes.
 
 Sanity: cosine(worker vector, raw vector) for the same sentence = {min(sims):.6f}.
 """

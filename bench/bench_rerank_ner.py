@@ -2,7 +2,7 @@
 
 The models are the seeded test heads on the bundled MiniLM (tests/model_builders.py):
 real encoder weights and tokenizer, so the cost is that of a MiniLM-L6 cross-encoder and
-token classifier. Measured in one run, one after the other (never two at once):
+token classifier. Measured in one run, the paths of a task taking turns (never two at once):
 
 * rerank of D documents against one query (default 100):
   - one ``rerank`` request through the worker;
@@ -14,7 +14,7 @@ token classifier. Measured in one run, one after the other (never two at once):
   - ``pipeline("token-classification", aggregation_strategy="simple")`` called once per text;
   - the same pipeline given the whole list (its default batch size, and batch_size=T).
 
-Each number is the median of R repetitions (after a warm-up). Run by hand (not a test)::
+Each number is the median of R rounds (after a warm-up round). Run by hand (not a test)::
 
     python bench/bench_rerank_ner.py --write
 """
@@ -99,65 +99,27 @@ def make_ner_texts(n: int, seed: int = 13) -> list[str]:
     return out
 
 
-def raw_rerank_loop(path: str, docs: list[str], args: Any) -> list[float]:
-    """The raw HF model, one (query, document) pair per forward pass."""
+def measure(paths: dict[str, str], docs: list[str], texts: list[str], args: Any, workdir: Path) -> dict[str, Any]:
+    """Every path of a task in turns (rounds of worker, raw loop, library batched call)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(paths["reranker"])
+    hf = AutoModelForSequenceClassification.from_pretrained(paths["reranker"]).eval()
+    ce = CrossEncoder(paths["reranker"], device="cpu")
+    pipe = pipeline("token-classification", model=paths["ner"], aggregation_strategy="simple", device="cpu")
+    pairs = [(QUERY, d) for d in docs]
 
     def loop_pairs() -> list[float]:
+        """The raw HF model, one (query, document) pair per forward pass."""
         scores = []
         with torch.inference_mode():
             for doc in docs:
                 enc = tok(QUERY, doc, return_tensors="pt", truncation=True)
-                scores.append(float(torch.sigmoid(model(**enc).logits[0, 0])))
+                scores.append(float(torch.sigmoid(hf(**enc).logits[0, 0])))
         return scores
 
-    h.log(f"raw HF rerank loop: {len(docs)} pairs one at a time, {args.reps} reps")
-    return h.timed(loop_pairs, args.reps, args.warmup)
-
-
-def raw_cross_encoder(path: str, docs: list[str], args: Any) -> tuple[list[float], list[float]]:
-    """``CrossEncoder.predict`` on all pairs: the timings, and its scores."""
-    from sentence_transformers import CrossEncoder
-
-    ce = CrossEncoder(path, device="cpu")
-    pairs = [(QUERY, d) for d in docs]
-    h.log(f"CrossEncoder.predict: {len(pairs)} pairs, {args.reps} reps")
-    times = h.timed(lambda: ce.predict(pairs, show_progress_bar=False), args.reps, args.warmup)
-    return times, [float(s) for s in ce.predict(pairs, show_progress_bar=False)]
-
-
-def raw_ner(path: str, texts: list[str], args: Any) -> dict[str, Any]:
-    """The token-classification pipeline: per text, given the list, given the list batched."""
-    from transformers import pipeline
-
-    pipe = pipeline("token-classification", model=path, aggregation_strategy="simple", device="cpu")
-    out: dict[str, Any] = {}
-    h.log(f"ner pipeline one text at a time: {len(texts)} texts, {args.reps} reps")
-    out["ner_loop"] = h.timed(lambda: [pipe(t) for t in texts], args.reps, args.warmup)
-    h.log(f"ner pipeline given the list: {len(texts)} texts, {args.reps} reps")
-    out["ner_list"] = h.timed(lambda: pipe(texts), args.reps, args.warmup)
-    out["ner_list_batched"] = h.timed(lambda: pipe(texts, batch_size=len(texts)), args.reps, args.warmup)
-    out["ner_ref"] = [pipe(t) for t in texts]
-    return out
-
-
-def measure_raw(paths: dict[str, str], docs: list[str], texts: list[str], args: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"rerank_loop": raw_rerank_loop(paths["reranker"], docs, args)}
-    h.free()
-    out["rerank_ce"], out["rerank_scores"] = raw_cross_encoder(paths["reranker"], docs, args)
-    h.free()
-    out.update(raw_ner(paths["ner"], texts, args))
-    h.free()  # each model was dropped when its function returned
-    return out
-
-
-def measure_worker(
-    paths: dict[str, str], docs: list[str], texts: list[str], args: Any, workdir: Path
-) -> dict[str, Any]:
     models = {
         "reranker": {"task": "rerank", "source": paths["reranker"], "queue": h.unique("rerank")},
         "ner": {"task": "ner", "source": paths["ner"], "queue": h.unique("ner")},
@@ -172,9 +134,13 @@ def measure_worker(
             "rerank-ner", models, redis_url=args.redis_url, workdir=workdir, boot_timeout=args.boot_timeout, **settings
         ):
             rq, nq = models["reranker"]["queue"], models["ner"]["queue"]
-            h.log(f"worker rerank: {len(docs)} documents, {args.reps} reps")
-            out["rerank"] = h.timed(
-                lambda: client.rerank("reranker", QUERY, docs, queue=rq, timeout=args.task_timeout),
+            h.log(f"rerank, {len(docs)} documents: worker, one-pair loop, CrossEncoder in turns, {args.reps} rounds")
+            out["rerank"] = h.timed_in_turns(
+                {
+                    "worker": lambda: client.rerank("reranker", QUERY, docs, queue=rq, timeout=args.task_timeout),
+                    "loop": loop_pairs,
+                    "ce": lambda: ce.predict(pairs, show_progress_bar=False),
+                },
                 args.reps,
                 args.warmup,
             )
@@ -183,11 +149,21 @@ def measure_worker(
             for item in result["results"]:
                 scores[item["index"]] = item["relevance_score"]
             out["rerank_scores"] = scores
-            h.log(f"worker ner: {len(texts)} texts, {args.reps} reps")
-            out["ner"] = h.timed(
-                lambda: client.ner("ner", texts, queue=nq, timeout=args.task_timeout), args.reps, args.warmup
+            out["ce_scores"] = [float(x) for x in ce.predict(pairs, show_progress_bar=False)]
+
+            h.log(f"ner, {len(texts)} texts: worker and the pipeline's three ways in turns, {args.reps} rounds")
+            out["ner"] = h.timed_in_turns(
+                {
+                    "worker": lambda: client.ner("ner", texts, queue=nq, timeout=args.task_timeout),
+                    "loop": lambda: [pipe(t) for t in texts],
+                    "list": lambda: pipe(texts),
+                    "list_batched": lambda: pipe(texts, batch_size=len(texts)),
+                },
+                args.reps,
+                args.warmup,
             )
             out["ner_entities"] = client.ner("ner", texts, queue=nq, timeout=args.task_timeout)["entities"]
+            out["ner_ref"] = [pipe(t) for t in texts]
     finally:
         client.close()
     return out
@@ -225,8 +201,8 @@ def main() -> None:
     with h.workdir(args) as wd:
         h.log("building the test rerank/ner models from the bundled MiniLM")
         paths = build_test_models(h.minilm_path(), wd / "models")
-        raw = measure_raw(paths, docs, texts, args)
-        worker = measure_worker(paths, docs, texts, args, wd)
+        res = measure(paths, docs, texts, args, wd)
+    rr, nr = res["rerank"], res["ner"]
 
     headers = ["path", "median ms", "min ms", "items/s", "speedup vs one-at-a-time", "time / worker's"]
 
@@ -248,28 +224,28 @@ def main() -> None:
 
     rerank_table = table(
         [
-            ("worker: one `rerank` request", worker["rerank"]),
-            ("HF model, one pair at a time (batch 1)", raw["rerank_loop"]),
-            ("CrossEncoder.predict(pairs)", raw["rerank_ce"]),
+            ("worker: one `rerank` request", rr["worker"]),
+            ("HF model, one pair at a time (batch 1)", rr["loop"]),
+            ("CrossEncoder.predict(pairs)", rr["ce"]),
         ],
-        raw["rerank_loop"],
-        worker["rerank"],
+        rr["loop"],
+        rr["worker"],
         args.documents,
     )
     ner_table = table(
         [
-            ("worker: one `ner` request with the list", worker["ner"]),
-            ("pipeline, one text at a time", raw["ner_loop"]),
-            ("pipeline(list) (default batch size)", raw["ner_list"]),
-            (f"pipeline(list, batch_size={args.texts})", raw["ner_list_batched"]),
+            ("worker: one `ner` request with the list", nr["worker"]),
+            ("pipeline, one text at a time", nr["loop"]),
+            ("pipeline(list) (default batch size)", nr["list"]),
+            (f"pipeline(list, batch_size={args.texts})", nr["list_batched"]),
         ],
-        raw["ner_loop"],
-        worker["ner"],
+        nr["loop"],
+        nr["worker"],
         args.texts,
     )
 
-    score_diff = max(abs(a - b) for a, b in zip(worker["rerank_scores"], raw["rerank_scores"], strict=True))
-    bad, worst = ner_mismatches(worker["ner_entities"], raw["ner_ref"])
+    score_diff = max(abs(a - b) for a, b in zip(res["rerank_scores"], res["ce_scores"], strict=True))
+    bad, worst = ner_mismatches(res["ner_entities"], res["ner_ref"])
     body = f"""### Rerank: {args.documents} documents, one query (median of {args.reps})
 
 {rerank_table}
@@ -280,7 +256,9 @@ def main() -> None:
 
 "speedup vs one-at-a-time": the one-item-at-a-time loop's median / this row's median.
 "time / worker's": this row's median / the worker's (above 1: the worker is faster).
-Worker times are send-to-result through Redis, one request at a time.
+Worker times are send-to-result through Redis, one request at a time. The paths of a
+table take turns, one call each per round (the order rotating), so a change in the
+machine's speed during the run weighs on all of them alike.
 
 Sanity: max |worker score - CrossEncoder score| = {score_diff:.2e}; NER texts whose spans or
 labels differ from the pipeline's: {bad} of {args.texts} (max score difference where equal: {worst:.2e}).
