@@ -14,18 +14,15 @@ The batcher waits for more work only while other requests are known to be on the
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from models.compute import ComputeThread
 from models.errors import InferenceError
 
 log = structlog.get_logger(__name__)
@@ -103,9 +100,7 @@ def plan_batches(lengths: Sequence[int], limits: BatchLimits) -> list[list[int]]
 
 
 class DynamicBatcher:
-    def __init__(self, name: str, forward: ForwardFn, limits: BatchLimits, runner: ComputeThread | None = None) -> None:
-        """``runner``: the model's compute thread, which then hosts the batching loop (and,
-        with batching off, every forward pass); without one the batcher starts its own."""
+    def __init__(self, name: str, forward: ForwardFn, limits: BatchLimits) -> None:
         self.name = name
         self.limits = limits
         self.stats = BatchStats()
@@ -115,20 +110,11 @@ class DynamicBatcher:
         self._pending_rows = 0
         self._active = 0  # requests that entered the model and may submit soon
         self._closed = False
-        self._runner = runner
         self._thread: threading.Thread | None = None
-        self._loop_done: Future[None] | None = None
         self._last_log = time.monotonic()
         if limits.enabled:
-            if runner is not None:
-                self._loop_done = runner.submit(self._loop)
-            else:
-                self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-                self._thread.start()
-
-    @property
-    def _looping(self) -> bool:
-        return self._thread is not None or self._loop_done is not None
+            self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+            self._thread.start()
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -148,11 +134,8 @@ class DynamicBatcher:
             return []
         request = _Request(items=items, outputs=[None] * len(items), remaining=len(items))
         self.stats.requests += 1
-        if not self._looping:
-            if self._runner is not None:
-                self._runner.run(self._execute, [request])
-            else:
-                self._execute([request])
+        if self._thread is None:
+            self._execute([request])
         else:
             with self._cond:
                 if self._closed:
@@ -172,9 +155,6 @@ class DynamicBatcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._loop_done is not None:
-            with contextlib.suppress(Exception):
-                self._loop_done.result(timeout=5)
 
     # -- the batching thread ------------------------------------------------------------
 

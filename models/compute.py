@@ -5,13 +5,16 @@ shared by both in a worker process). libgomp gives every thread that starts para
 work a team of threads of its own, and once the process holds more such threads than it
 has CPUs it stops spinning at barriers and sleeps instead. Forward passes meet at a
 barrier after every op, so that costs 20-30% of their speed (measured on a 2-core host:
-a model loaded on one thread and run on another). Keeping each model's work on its own
-thread keeps it to one team; the model's requests queue on that thread in order.
+a model loaded on one thread and run on another; two models, each with a thread of its
+own). So the encoder models of a worker share one compute thread (their forward passes
+are short, and on one device they would contend anyway), and each GGUF model, whose
+generations hold its thread for seconds, has its own.
 """
 
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -43,3 +46,15 @@ class ComputeThread:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+_shared: dict[str, ComputeThread] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_compute_thread(name: str) -> ComputeThread:
+    """The process's compute thread called ``name``, started on first use."""
+    with _shared_lock:
+        if name not in _shared:
+            _shared[name] = ComputeThread(name)
+        return _shared[name]

@@ -24,7 +24,7 @@ from transformers import (
 
 from models.base import CLASSIFY, EMBED, NER, RERANK
 from models.batcher import BatchLimits, DynamicBatcher, Features
-from models.compute import ComputeThread
+from models.compute import ComputeThread, shared_compute_thread
 from models.device import flash_attention_available, resolve_dtype
 from models.ner import aggregate_simple
 from models.pooling import PoolingConfig, pool, read_pooling_config
@@ -69,10 +69,16 @@ class EncoderRuntime:
     # -- lifecycle ----------------------------------------------------------------------
 
     def load(self) -> None:
-        # loading, warm-up and every forward pass on the model's own thread (models/compute.py)
-        self.compute = ComputeThread(self.alias)
+        # loading and every forward pass on the compute thread the worker's encoder models
+        # share (models/compute.py); requests tokenize in their own threads, and the
+        # batcher gathers them on its own
+        self.compute = shared_compute_thread(f"encoders-{self.device}")
         self.compute.run(self._load)
-        self.batcher = DynamicBatcher(self.alias, self._forward, self._limits, runner=self.compute)
+        self.batcher = DynamicBatcher(self.alias, self._forward_on_compute_thread, self._limits)
+
+    def _forward_on_compute_thread(self, items: Sequence[Features]) -> list[np.ndarray]:
+        assert self.compute is not None
+        return self.compute.run(self._forward, items)
 
     def _load(self) -> None:
         opts = self.options
@@ -112,8 +118,6 @@ class EncoderRuntime:
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
-        if self.compute is not None:
-            self.compute.close()
 
     def stats(self) -> dict[str, Any]:
         return self.batcher.stats.as_dict() if self.batcher is not None else {}

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from models.batcher import BatchLimits, DynamicBatcher, plan_batches
-from models.compute import ComputeThread
+from models.compute import ComputeThread, shared_compute_thread
 from models.errors import InferenceError
 from models.generation import StopScanner, check_context
 from producer.streams import _Cursor
@@ -222,16 +222,17 @@ def test_unbatched_mode_runs_in_the_callers_thread() -> None:
     assert len(forward.batches) == 2
 
 
-def test_a_model_thread_hosts_the_batching_loop_and_every_forward_pass() -> None:
+def test_every_forward_pass_runs_on_the_shared_compute_thread() -> None:
     seen: set[str] = set()
 
     def forward(items: Any) -> list[int]:
         seen.add(threading.current_thread().name)
         return [len(i["input_ids"]) for i in items]
 
-    for enabled in (True, False):
-        compute = ComputeThread(f"m{enabled}")
-        batcher = DynamicBatcher("t", forward, BatchLimits(enabled=enabled), runner=compute)
+    compute = shared_compute_thread("test-device")
+    assert shared_compute_thread("test-device") is compute  # one per name in a process
+    for enabled in (True, False):  # batched, and in the callers' threads
+        batcher = DynamicBatcher("t", lambda items: compute.run(forward, items), BatchLimits(enabled=enabled))
         threads = [threading.Thread(target=batcher.run, args=(_items([n]), 5)) for n in range(1, 9)]
         for t in threads:
             t.start()
@@ -239,9 +240,7 @@ def test_a_model_thread_hosts_the_batching_loop_and_every_forward_pass() -> None
             t.join(5)
         assert batcher.run(_items([4, 5]), timeout=5) == [4, 5]
         batcher.close()
-        compute.close()
-        assert seen == {f"model-m{enabled}_0"}, seen
-        seen.clear()
+    assert seen == {"model-test-device_0"}, seen
 
 
 def test_compute_thread_keeps_context_and_errors_and_refuses_work_once_closed() -> None:
