@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from models.base import GENERATE
+from models.compute import ComputeThread
 from models.device import flash_attention_available, resolve_dtype
 from models.errors import InferenceError, TimeLimitReached
 from models.generation import GenerationControl, GenerationParams, GenerationResult, StopScanner, check_context
@@ -71,8 +72,15 @@ class CausalLMRuntime:
         self.options = options
         self.capabilities = frozenset({GENERATE})
         self.device = options.device
+        # loading and every generation on the model's own thread (models/compute.py); a
+        # request's thread reads the streamer while its generation runs there, and
+        # concurrent requests take their turns
+        self._compute = ComputeThread(alias)
 
     def load(self) -> None:
+        self._compute.run(self._load)
+
+    def _load(self) -> None:
         opts = self.options
         common: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "revision": opts.revision}
         if opts.gguf_file:
@@ -97,7 +105,7 @@ class CausalLMRuntime:
         self.generate(GenerationParams(prompt="Hello", max_tokens=2, temperature=0.0), GenerationControl())
 
     def close(self) -> None:
-        pass
+        self._compute.close()
 
     def describe(self) -> dict[str, Any]:
         return {"context": self.context, "dtype": str(self.model.dtype), "chat_template": self.has_chat_template}
@@ -148,7 +156,10 @@ class CausalLMRuntime:
         }
         outcome: dict[str, Any] = {}
 
+        started = threading.Event()
+
         def run() -> None:
+            started.set()
             try:
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
@@ -158,8 +169,14 @@ class CausalLMRuntime:
                 outcome["error"] = exc
                 streamer.end()
 
-        thread = threading.Thread(target=run, name=f"generate-{self.alias}", daemon=True)
-        thread.start()
+        done = self._compute.submit(run)
+        # behind another generation on this model, wait for the turn (the streamer's own
+        # timeout counts from here), and give up early when cancelled or out of time
+        while not started.wait(0.05):
+            if control.should_stop() and done.cancel():
+                return GenerationResult("", "cancelled", prompt_tokens, 0)
+            if time.monotonic() > control.deadline and done.cancel():
+                raise TimeLimitReached("generate: time limit reached while waiting for the model")
         pieces: list[str] = []
         try:
             for piece in streamer:
@@ -170,8 +187,11 @@ class CausalLMRuntime:
                         control.on_text(safe)
                 if scanner.stopped and halt.reason is None:
                     halt.reason = "stop"
+        except BaseException:
+            halt.reason = halt.reason or "aborted"  # the reader failed: end the generation now
+            raise
         finally:
-            thread.join()
+            done.result()
         if "error" in outcome:
             raise InferenceError(f"generate failed: {type(outcome['error']).__name__}: {outcome['error']}")
         tail = scanner.flush()
