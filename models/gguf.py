@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,8 +154,19 @@ class GGUFRuntime:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
     def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult:
-        """Runs on the model's thread; concurrent requests wait their turn there."""
-        return self._compute.run(self._generate, params, control)
+        """Runs on the model's thread; concurrent requests wait their turn there, and give
+        up early when cancelled or out of time."""
+        done = self._compute.submit(self._generate, params, control)
+        while True:
+            try:
+                return done.result(timeout=0.05)
+            except FutureTimeout:
+                pass
+            if control.should_stop() and done.cancel():
+                # never started: the prompt is counted here (tokenizing only reads the vocabulary)
+                return GenerationResult("", "cancelled", self.count_prompt_tokens(params), 0)
+            if time.monotonic() > control.deadline and done.cancel():
+                raise TimeLimitReached("generate: time limit reached while waiting for the model")
 
     def _generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult:
         if getattr(self, "llm", None) is None:

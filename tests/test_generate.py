@@ -305,6 +305,32 @@ def test_queued_task_cancelled_never_runs(gen_worker: Any, client: Any, producer
         assert outcome["finish_reason"] == "cancelled" and outcome["usage"]["completion_tokens"] <= 1
 
 
+@pytest.mark.parametrize("alias", ["gemma", "tiny"])
+def test_generation_waiting_for_the_model_can_be_cancelled(
+    alias: str, gen_worker: Any, client: Any, producer: Celery
+) -> None:
+    """A task that has started but waits its turn on the model (another generation holds
+    it) ends as cancelled at once, without waiting for the other one to finish."""
+    busy = client.stream_generate(
+        alias, queue=q(alias), prompt=PROMPT, max_tokens=2000 if alias == "tiny" else 900, temperature=0.8, seed=1
+    )
+    first = next(busy)  # the model is generating for the first request
+    waiting = client.send("generate", model=alias, queue=q(alias), prompt=PROMPT, max_tokens=20, temperature=0)
+    deadline = time.monotonic() + 30
+    while producer.AsyncResult(waiting).state != "STARTED":
+        assert time.monotonic() < deadline, "the second task never started"
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    client.cancel(waiting)
+    outcome = producer.AsyncResult(waiting).get(timeout=30)
+    assert time.monotonic() - t0 < 1.0
+    assert outcome["finish_reason"] == "cancelled" and outcome["text"] == ""
+    assert outcome["usage"]["completion_tokens"] == 0 and outcome["usage"]["prompt_tokens"] > 0
+    client.cancel(first["task_id"])
+    rest = list(busy)
+    assert rest[-1]["type"] == "end" and rest[-1]["finish_reason"] == "cancelled"
+
+
 # -- concurrency ---------------------------------------------------------------------------
 
 
