@@ -29,7 +29,14 @@ from models.base import GENERATE
 from models.compute import ComputeThread
 from models.device import flash_attention_available, resolve_dtype
 from models.errors import InferenceError, TimeLimitReached
-from models.generation import GenerationControl, GenerationParams, GenerationResult, StopScanner, check_context
+from models.generation import (
+    GenerationControl,
+    GenerationParams,
+    GenerationResult,
+    StopScanner,
+    check_context,
+    wait_for_turn,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -170,13 +177,10 @@ class CausalLMRuntime:
                 streamer.end()
 
         done = self._compute.submit(run)
-        # behind another generation on this model, wait for the turn (the streamer's own
-        # timeout counts from here), and give up early when cancelled or out of time
-        while not started.wait(0.05):
-            if control.should_stop() and done.cancel():
-                return GenerationResult("", "cancelled", prompt_tokens, 0)
-            if time.monotonic() > control.deadline and done.cancel():
-                raise TimeLimitReached("generate: time limit reached while waiting for the model")
+        # behind another generation on this model: wait for the turn before reading the
+        # streamer (its timeout counts from the start)
+        if not wait_for_turn(done, started, control):
+            return GenerationResult("", "cancelled", prompt_tokens, 0)
         pieces: list[str] = []
         try:
             for piece in streamer:

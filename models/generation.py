@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from models.errors import InvalidRequest
+from models.errors import InferenceError, InvalidRequest, TimeLimitReached
 
 
 @dataclass(frozen=True)
@@ -95,3 +97,18 @@ class StopScanner:
     def flush(self) -> str:
         out, self.pending = ("" if self.stopped else self.pending), ""
         return out
+
+
+def wait_for_turn(done: Future[object], started: threading.Event, control: GenerationControl) -> bool:
+    """Wait until a generation queued on its model's compute thread starts (another one
+    may hold the model). False: it was cancelled while waiting, and will never start."""
+    while not started.wait(0.05):
+        if done.cancelled():  # dropped when the model closed
+            raise InferenceError("generate: the model is shutting down")
+        if done.done():  # failed before it could start
+            return True
+        if control.should_stop() and done.cancel():
+            return False
+        if time.monotonic() > control.deadline and done.cancel():
+            raise TimeLimitReached("generate: time limit reached while waiting for the model")
+    return True

@@ -10,8 +10,8 @@ serialises concurrent requests on a model.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,14 @@ import structlog
 from models.base import GENERATE
 from models.compute import ComputeThread
 from models.errors import InferenceError, InvalidRequest, TimeLimitReached
-from models.generation import GenerationControl, GenerationParams, GenerationResult, StopScanner, check_context
+from models.generation import (
+    GenerationControl,
+    GenerationParams,
+    GenerationResult,
+    StopScanner,
+    check_context,
+    wait_for_turn,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -154,21 +161,18 @@ class GGUFRuntime:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
     def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult:
-        """Runs on the model's thread; concurrent requests wait their turn there, and give
-        up early when cancelled or out of time."""
-        done = self._compute.submit(self._generate, params, control)
-        while True:
-            try:
-                return done.result(timeout=0.05)
-            except FutureTimeout:
-                pass
-            if control.should_stop() and done.cancel():
-                # never started: the prompt is counted here (tokenizing only reads the vocabulary)
-                return GenerationResult("", "cancelled", self.count_prompt_tokens(params), 0)
-            if time.monotonic() > control.deadline and done.cancel():
-                raise TimeLimitReached("generate: time limit reached while waiting for the model")
+        """Runs on the model's thread; concurrent requests wait their turn there."""
+        started = threading.Event()
+        done = self._compute.submit(self._generate, params, control, started)
+        if not wait_for_turn(done, started, control):
+            # never started: the prompt is counted here (tokenizing only reads the vocabulary)
+            return GenerationResult("", "cancelled", self.count_prompt_tokens(params), 0)
+        return done.result()
 
-    def _generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult:
+    def _generate(
+        self, params: GenerationParams, control: GenerationControl, started: threading.Event
+    ) -> GenerationResult:
+        started.set()
         if getattr(self, "llm", None) is None:
             raise InferenceError(f"model {self.alias} is shutting down")
         estimate = self.count_prompt_tokens(params)
