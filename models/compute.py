@@ -1,14 +1,15 @@
-"""One thread per model for its heavy work: loading, warm-up, forward passes, generation.
+"""Compute threads: where models do their heavy work (loading, warm-up, forward passes,
+generation).
 
 On the CPU, torch and llama.cpp run their parallel work on OpenMP (libgomp, one copy
 shared by both in a worker process). libgomp gives every thread that starts parallel
 work a team of threads of its own, and once the process holds more such threads than it
 has CPUs it stops spinning at barriers and sleeps instead. Forward passes meet at a
-barrier after every op, so that costs 20-30% of their speed (measured on a 2-core host:
-a model loaded on one thread and run on another; two models, each with a thread of its
-own). So the encoder models of a worker share one compute thread (their forward passes
-are short, and on one device they would contend anyway), and each GGUF model, whose
-generations hold its thread for seconds, has its own.
+barrier after every op, so that costs them 10-25% of their speed (measured on a 2-core
+host: llama.cpp warmed up on one thread and run on another, ~20%; MiniLM likewise, ~25%;
+two encoder models with a thread each, ~10% on rerank). So the encoder models of a worker share one compute thread (their forward passes
+are short, and on one device they would contend anyway), and each generation model,
+whose generations hold its thread for seconds, has its own.
 """
 
 from __future__ import annotations
