@@ -105,10 +105,10 @@ def prompts(args: Any) -> list[str]:
 
 @contextmanager
 def llama_direct(path: str, args: Any) -> Iterator[Callable[[str], Run]]:
-    from llama_cpp import Llama
+    from models.gguf import open_llama  # Llama(), with the worker's choice of kernels (AMX)
 
-    llm = Llama(
-        model_path=path, n_ctx=args.n_ctx, n_batch=args.n_batch, n_threads=args.n_threads, n_gpu_layers=0, verbose=False
+    llm = open_llama(
+        path, n_ctx=args.n_ctx, n_batch=args.n_batch, n_threads=args.n_threads, n_gpu_layers=0, verbose=False
     )
     try:
 

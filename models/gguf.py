@@ -41,6 +41,59 @@ class GGUFOptions:
     n_threads: int | None = None
     n_gpu_layers: int | None = None
     chat_format: str | None = None
+    weight_repacking: bool | None = None
+
+
+_AMX_BUG = "https://github.com/ggml-org/llama.cpp/issues/20824"
+_load_lock = threading.Lock()
+
+
+def build_uses_amx() -> bool:
+    """Whether this llama.cpp build runs quantised matmuls on the CPU's AMX tiles."""
+    import llama_cpp
+
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
+def open_llama(path: str, *, weight_repacking: bool | None = None, **kwargs: Any) -> Any:
+    """``llama_cpp.Llama(path, **kwargs)``, with llama.cpp's weight repacking chosen.
+
+    llama.cpp repacks weights into CPU-specific layouts at load ("extra buffer types":
+    AMX tiles, interleaved AVX blocks). Its AMX kernels crash on K-quants (segfault in
+    ``ggml_backend_amx_mul_mat`` at the first forward pass; seen here with the bundled
+    Gemma Q4_K_M on a Sapphire Rapids host; llama.cpp #20824, closed unfixed), and a
+    build compiled with ``-march=native`` on such a host uses them. ``None`` turns
+    repacking off exactly there; ``llama-cli --no-repack`` is the same switch.
+    Tests and benchmarks load their oracle through here too, so both sides run the same
+    kernels.
+    """
+    import llama_cpp
+    from llama_cpp import Llama
+
+    if weight_repacking is None:
+        weight_repacking = not build_uses_amx()
+        if not weight_repacking:
+            log.warning("gguf.repacking_off", reason="llama.cpp build uses AMX", see=_AMX_BUG)
+    if weight_repacking:
+        return Llama(model_path=path, **kwargs)
+    # Llama() takes no argument for it: it builds its params from this function, so
+    # hand it params with the switch off (under a lock: the module is shared)
+    low_level = llama_cpp.llama_cpp
+    defaults = low_level.llama_model_default_params
+
+    def without_repacking() -> Any:
+        params = defaults()
+        if "use_extra_bufts" not in {name for name, *_ in type(params)._fields_}:
+            raise InferenceError("this llama-cpp-python cannot turn weight repacking off: upgrade it")
+        params.use_extra_bufts = False
+        return params
+
+    with _load_lock:
+        low_level.llama_model_default_params = without_repacking
+        try:
+            return Llama(model_path=path, **kwargs)
+        finally:
+            low_level.llama_model_default_params = defaults
 
 
 def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
@@ -74,14 +127,13 @@ class GGUFRuntime:
         self._compute.run(self._load)
 
     def _load(self) -> None:
-        from llama_cpp import Llama
-
         opts = self.options
         n_gpu_layers = opts.n_gpu_layers
         if n_gpu_layers is None:
             n_gpu_layers = -1 if opts.device != "cpu" else 0  # every layer on a GPU, none on the CPU
-        self.llm = Llama(
-            model_path=opts.path,
+        self.llm = open_llama(
+            opts.path,
+            weight_repacking=opts.weight_repacking,
             n_ctx=opts.n_ctx,
             n_batch=opts.n_batch,
             n_threads=opts.n_threads or os.cpu_count(),

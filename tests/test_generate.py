@@ -29,9 +29,9 @@ class FreshLlama:
     prefix reused from the call before, as the worker does)."""
 
     def __init__(self, gguf_path: str) -> None:
-        from llama_cpp import Llama
+        from models.gguf import open_llama  # Llama(), with the worker's choice of kernels
 
-        self.llm = Llama(model_path=gguf_path, n_ctx=GGUF_CTX, n_threads=2, verbose=False)
+        self.llm = open_llama(gguf_path, n_ctx=GGUF_CTX, n_threads=2, verbose=False)
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
         self.llm.reset()
@@ -90,6 +90,27 @@ def test_gguf_prompt_greedy_equals_llama_cpp(gen_worker: Any, producer: Celery, 
     assert result["finish_reason"] == expected["choices"][0]["finish_reason"]
     assert result["usage"] == expected["usage"]
     assert PROMPT not in result["text"]
+
+
+def test_weight_repacking_is_off_where_llama_cpp_would_use_amx(gguf_path: str) -> None:
+    import llama_cpp
+
+    from models.gguf import build_uses_amx, open_llama
+
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+    off = open_llama(gguf_path, weight_repacking=False, n_ctx=256, n_threads=2, verbose=False)
+    auto = open_llama(gguf_path, n_ctx=256, n_threads=2, verbose=False)
+    try:
+        assert off.model_params.use_extra_bufts is False
+        # the default: off exactly where the build would run the AMX kernels (llama.cpp #20824)
+        assert auto.model_params.use_extra_bufts is (not build_uses_amx())
+        assert llama_cpp.llama_cpp.llama_model_default_params is defaults, "the switch is put back"
+        assert llama_cpp.llama_model_default_params().use_extra_bufts is True
+        for llm in (off, auto):
+            assert llm.create_completion(PROMPT, max_tokens=4, temperature=0)["choices"][0]["text"]
+    finally:
+        off.close()
+        auto.close()
 
 
 def test_gguf_chat_greedy_equals_create_chat_completion(gen_worker: Any, producer: Celery, llama: Any) -> None:

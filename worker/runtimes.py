@@ -24,6 +24,7 @@ def build_runtime(alias: str, spec: ModelSpec, settings: WorkerSettings, device:
                 n_threads=spec.n_threads,
                 n_gpu_layers=spec.n_gpu_layers,
                 chat_format=spec.chat_format,
+                weight_repacking=spec.weight_repacking,
             ),
         )
     if spec.task == "generate":

@@ -71,6 +71,11 @@ class ModelSpec(BaseModel):
     chat_format: str | None = Field(
         None, description="GGUF chat format name (llama-cpp's); default: the template in the GGUF metadata."
     )
+    weight_repacking: bool | None = Field(
+        None,
+        description="GGUF: let llama.cpp repack weights for this CPU (AMX, AVX layouts); "
+        "default: on, except with a build that uses AMX, whose kernels crash (llama.cpp #20824).",
+    )
 
     @model_validator(mode="after")
     def _default_backend(self) -> ModelSpec:
