@@ -196,7 +196,10 @@ def test_concurrent_mixed_requests_equal_each_request_alone(encoder_worker: Any,
             ]
         if kind == "rerank":
             assert [r["index"] for r in a["results"]] == [r["index"] for r in b["results"]]
-        np.testing.assert_allclose(_numbers(kind, a), _numbers(kind, b), atol=1e-5)
+        # float32 sums taken in another order (other batch sizes and padded widths pick other
+        # GEMM blockings) move a score by up to ~1e-5 on some CPUs (seen: 1.03e-5 for an NER
+        # score on an AVX-512 host); the oracle tolerance of the issue, 1e-4, bounds it
+        np.testing.assert_allclose(_numbers(kind, a), _numbers(kind, b), atol=1e-4)
     # and they really were gathered into shared forward passes
     after = _model_stats(producer, encoder_worker)
     rows = sum(after[m]["rows"] - before[m]["rows"] for m in after)
