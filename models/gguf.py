@@ -131,7 +131,14 @@ class GGUFRuntime:
         n_gpu_layers = opts.n_gpu_layers
         if n_gpu_layers is None:
             n_gpu_layers = -1 if opts.device != "cpu" else 0  # every layer on a GPU, none on the CPU
-        self.llm = open_llama(
+        with structlog.contextvars.bound_contextvars(model=self.alias):  # on the loader's log lines
+            self.llm = self._open(opts, n_gpu_layers)
+        self.n_ctx = self.llm.n_ctx()
+        self._formatter = self._template_formatter()
+        self._count_samples()
+
+    def _open(self, opts: GGUFOptions, n_gpu_layers: int) -> Any:
+        return open_llama(
             opts.path,
             weight_repacking=opts.weight_repacking,
             n_ctx=opts.n_ctx,
@@ -142,9 +149,6 @@ class GGUFRuntime:
             chat_format=opts.chat_format,
             verbose=False,
         )
-        self.n_ctx = self.llm.n_ctx()
-        self._formatter = self._template_formatter()
-        self._count_samples()
 
     def _count_samples(self) -> None:
         """Count sampled tokens for ``usage`` by wrapping this instance's ``sample``.
