@@ -136,6 +136,9 @@ def worker_stream(
     alias: str, spec: dict[str, Any], args: Any, workdir: Path, label: str
 ) -> Iterator[Callable[[str], Run]]:
     spec = {**spec, "queue": h.unique(f"gen-{label}")}
+    models = {alias: spec}
+    if args.with_encoder:  # a mixed worker: MiniLM loaded and warmed beside the generation model, idle
+        models["minilm"] = {"task": "embed", "source": h.minilm_path(), "queue": h.unique(f"embed-{label}")}
     client = h.client(args.redis_url, timeouts={"generate": args.task_timeout})
     settings: dict[str, Any] = {"concurrency": 1}
     if args.threads:
@@ -143,7 +146,7 @@ def worker_stream(
     try:
         with h.running_worker(
             f"gen-{label}",
-            {alias: spec},
+            models,
             redis_url=args.redis_url,
             workdir=workdir,
             boot_timeout=args.boot_timeout,
@@ -352,6 +355,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads in the worker (threads_per_worker)")
     p.add_argument("--runtimes", default="llama_cpp,transformers", help="comma-separated: llama_cpp, transformers")
     p.add_argument("--tiny", action="store_true", help="transformers: the small seeded LM instead of converted Gemma")
+    p.add_argument(
+        "--with-encoder", action="store_true", help="the worker also hosts MiniLM (embed), idle: a mixed CPU worker"
+    )
     p.add_argument("--task-timeout", type=float, default=600.0, help="seconds one generation may take")
     args = p.parse_args()
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
@@ -419,7 +425,10 @@ def main() -> None:
         "TTFT: request start to the first piece of text (through the worker: send, queue, task start, "
         "prompt, first token, Redis pub/sub). Decode: (completion tokens - 1) / (end - first piece). "
         "The worker's numbers include its cancellation checks, its token counting and the reader "
-        "(this process) sharing the machine's cores.\n\n" + "\n".join(parts)
+        "(this process) sharing the machine's cores."
+        + (" The worker also hosts MiniLM (embed), loaded and idle." if args.with_encoder else "")
+        + "\n\n"
+        + "\n".join(parts)
     )
     h.report("bench_generate", "Generate: worker streaming vs the library directly", body, args)
 
