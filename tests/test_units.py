@@ -310,3 +310,39 @@ def test_the_producer_imports_neither_torch_nor_transformers() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
+
+
+def test_broker_channel_reuses_one_client_and_keeps_kombus_unacked_bookkeeping(redis_url: str) -> None:
+    import uuid
+
+    import redis
+    from kombu import Connection
+
+    from worker.broker import Transport, transport_for
+    from worker.celery_app import celery_config
+    from worker.settings import load_settings
+
+    assert transport_for("redis://h:6379/0") == transport_for("rediss://h:6380/1") == "worker.broker:Transport"
+    assert transport_for("sentinel://h:26379") is None
+    assert celery_config(load_settings(redis_url=redis_url))["broker_transport"] == "worker.broker:Transport"
+
+    check = redis.Redis.from_url(redis_url)
+    with Connection(redis_url, transport=Transport, transport_options={"visibility_timeout": 60}) as conn:
+        queue = conn.SimpleQueue(f"test-broker-{uuid.uuid4().hex}", no_ack=False)
+        try:
+            channel = queue.channel
+            with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+                assert first is second
+            queue.put({"n": 1})
+            message = queue.get(timeout=5)
+            assert message.payload == {"n": 1}
+            # delivered, not yet acked: recorded for redelivery, as kombu does
+            assert check.hexists(channel.unacked_key, message.delivery_tag)
+            message.ack()
+            assert not check.hexists(channel.unacked_key, message.delivery_tag)
+            channel._disconnect_pools()  # as after a fork or a lost connection: a new pool
+            with channel.conn_or_acquire() as third:
+                assert third is not first and third.connection_pool is channel.pool
+        finally:
+            queue.queue.delete()
+            queue.close()

@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from worker.broker import transport_for
 from worker.settings import ConfigError, WorkerSettings, load_settings
 
 TASK_MODULES = ["tasks.encoders", "tasks.generate"]
@@ -27,7 +28,7 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         if name not in {q.name for q in queues}:
             queues.append(Queue(name, Exchange(name, type="direct"), routing_key=name))
     assert settings.visibility_timeout is not None
-    return {
+    config: dict[str, Any] = {
         "broker_url": settings.redis_url,
         "result_backend": settings.redis_url,
         # JSON only: anything else (pickle above all) is refused before it is decoded
@@ -62,6 +63,9 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "worker_disable_rate_limits": True,  # no per-task rate-limit bookkeeping
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
+    if transport := transport_for(settings.redis_url):
+        config["broker_transport"] = transport  # kombu's Redis transport, one client reused
+    return config
 
 
 @app.on_configure.connect

@@ -1,0 +1,50 @@
+"""kombu's Redis transport, without a per-message cost it need not pay.
+
+With late acks, kombu records every delivered message in an "unacked" hash (so that a
+worker that dies has its messages redelivered) and removes it on ack: one pipeline each.
+kombu 5.7 builds a new ``redis.Redis`` client object for every such call, and redis-py 8
+copies its several hundred response callbacks into a case-insensitive dict whenever a
+client is built. Under the embed load that was 16% of the worker's Python time (py-spy
+``--gil``), all of it on the consumer's event loop, which every message passes through.
+
+This channel builds that client once per connection pool and reuses it. A redis-py
+client is safe to share between threads: each command or pipeline takes its own
+connection from the pool. Everything else (the message format, the unacked bookkeeping,
+redelivery after the visibility timeout) is kombu's, unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlparse
+
+from kombu.transport import redis as kombu_redis
+
+SCHEMES = {"redis", "rediss"}
+
+
+class Channel(kombu_redis.Channel):
+    _shared_client: Any = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        if client is not None:
+            yield client
+            return
+        pool = self.pool  # None again after a fork or a disconnect: then it is a new pool
+        shared = self._shared_client
+        if shared is None or shared.connection_pool is not pool:
+            shared = self._shared_client = self._create_client()
+        yield shared
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+def transport_for(url: str) -> str | None:
+    """The transport class path for Celery's ``broker_transport``, or None for kombu's
+    own choice (Sentinel and socket URLs keep their transports)."""
+    return f"{__name__}:Transport" if urlparse(url).scheme in SCHEMES else None
