@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from models.errors import InferenceError, InvalidRequest, TimeLimitReached, TransientError, WorkerError
+from producer.broker import transport_for
 from producer.results import AsyncResultWaiter, ResultWaiter
 from producer.streams import STREAM_PREFIX, aread_stream, read_stream
 
@@ -71,6 +72,8 @@ class InferenceClient:
             result_accept_content=["json"],
             broker_connection_retry_on_startup=True,
         )
+        if transport := transport_for(redis_url):
+            self.celery.conf.broker_transport = transport  # one Redis client for all sends
         self._redis = redis.Redis.from_url(redis_url)
         self._waiter = ResultWaiter(self._redis)
         self._aredis: aioredis.Redis | None = None

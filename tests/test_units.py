@@ -318,13 +318,19 @@ def test_broker_channel_reuses_one_client_and_keeps_kombus_unacked_bookkeeping(r
     import redis
     from kombu import Connection
 
-    from worker.broker import Transport, transport_for
+    from producer import InferenceClient
+    from producer.broker import Transport, transport_for
     from worker.celery_app import celery_config
     from worker.settings import load_settings
 
-    assert transport_for("redis://h:6379/0") == transport_for("rediss://h:6380/1") == "worker.broker:Transport"
+    assert transport_for("redis://h:6379/0") == transport_for("rediss://h:6380/1") == "producer.broker:Transport"
     assert transport_for("sentinel://h:26379") is None
-    assert celery_config(load_settings(redis_url=redis_url))["broker_transport"] == "worker.broker:Transport"
+    assert celery_config(load_settings(redis_url=redis_url))["broker_transport"] == "producer.broker:Transport"
+    client = InferenceClient(redis_url)
+    try:
+        assert client.celery.connection_for_write().transport_cls == "producer.broker:Transport"
+    finally:
+        client.close()
 
     check = redis.Redis.from_url(redis_url)
     with Connection(redis_url, transport=Transport, transport_options={"visibility_timeout": 60}) as conn:

@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from worker.broker import transport_for
+from producer.broker import transport_for
 from worker.settings import ConfigError, WorkerSettings, load_settings
 
 TASK_MODULES = ["tasks.encoders", "tasks.generate"]
