@@ -520,6 +520,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align:
     )
 
 
+def cpu_model() -> str:
+    """The CPU's name and the vector extensions that change the numbers most (hosts of
+    one kind differ: some have AVX-512 and AMX, some only AVX2)."""
+    text = Path("/proc/cpuinfo").read_text()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    best = next(
+        (label for flag, label in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), ""
+    )
+    return f"{name} ({best})" if best else name
+
+
 def machine_info() -> str:
     """One line saying where and with what the numbers were taken."""
     parts = [
@@ -528,6 +540,8 @@ def machine_info() -> str:
         f"{os.cpu_count()} CPUs",
         f"Python {platform.python_version()}",
     ]
+    with contextlib.suppress(Exception):
+        parts.insert(2, cpu_model())
     with contextlib.suppress(Exception):
         import torch
 

@@ -1,10 +1,16 @@
 """The worker's own CPU cost per task: Celery + JSON + Redis, without (and with) a model.
 
-A worker hosting the bundled MiniLM embed model gets N tasks of two kinds:
+A worker hosting the bundled MiniLM embed model gets N tasks of three kinds:
 
+* ``trivial``: Celery's built-in ``celery.accumulate`` task (it returns its arguments),
+  sent to the worker's queue. The whole Celery path of a task that succeeds: receive,
+  decode, the QoS bookkeeping, the pool, the tracer, storing and publishing the result,
+  the ack. Nothing of ours runs in it, so this is the dispatch cost of one task.
 * ``invalid``: ``embed`` for an alias the worker does not host. It fails validation at once
   with ``InvalidRequest``, after the full Celery path: receive, decode, ack, the task
-  wrapper's logging, storing the FAILURE result, publishing it. That is the dispatch cost.
+  wrapper's logging, storing the FAILURE result, publishing it. Celery records every
+  failure with its traceback (billiard's picklable copy of each frame, and the formatted
+  text), and that is most of this cost: a refused request costs more than a trivial one.
 * ``tiny``: ``embed`` of the one-character text "a": the same path plus the smallest
   real forward pass (tokenize, batcher hand-off, MiniLM on 3 tokens, pooling, result).
 
@@ -40,19 +46,32 @@ ALIAS = "minilm"
 UNKNOWN = "no-such-model"
 
 
+KINDS = ("trivial", "invalid", "tiny")
+
+
+def send(kind: str, client: Any, queue: str, task_id: str | None = None) -> str:
+    if kind == "trivial":
+        task_id = task_id or str(uuid.uuid4())
+        client.celery.send_task("celery.accumulate", args=[1], queue=queue, task_id=task_id)
+        return task_id
+    model = UNKNOWN if kind == "invalid" else ALIAS
+    return client.send("embed", model=model, queue=queue, task_id=task_id, input="a")
+
+
 def closed_loop(kind: str, client: Any, queue: str, args: Any) -> h.LoadResult:
     from producer import InvalidRequest
 
     def one(i: int) -> str | None:
+        task_id = send(kind, client, queue)
         if kind == "invalid":
-            task_id = client.send("embed", model=UNKNOWN, queue=queue, input="a")
             try:
                 client.wait(task_id, args.task_timeout)
             except InvalidRequest:
                 return "expected-error"
             raise RuntimeError("an unknown alias did not fail with InvalidRequest")
-        task_id = client.send("embed", model=ALIAS, queue=queue, input="a")
-        client.wait(task_id, args.task_timeout)
+        result = client.wait(task_id, args.task_timeout)
+        if kind == "trivial" and result != [1]:
+            raise RuntimeError(f"celery.accumulate returned {result!r}")
         return None
 
     return h.run_load(one, args.tasks, args.producers, timeout=args.load_timeout)
@@ -64,11 +83,10 @@ def drain(kind: str, client: Any, worker: h.Worker, queue: str, args: Any) -> di
     reply = control.cancel_consumer(queue, destination=[worker.name], reply=True, timeout=10)
     if not reply:
         raise RuntimeError("the worker did not answer cancel_consumer")
-    model = UNKNOWN if kind == "invalid" else ALIAS
     ids = [str(uuid.uuid4()) for _ in range(args.tasks)]
     try:
         for task_id in ids:
-            client.send("embed", model=model, queue=queue, task_id=task_id, input="a")
+            send(kind, client, queue, task_id)
         time.sleep(0.5)  # let the worker settle before the clock starts
     except BaseException:
         control.add_consumer(queue, destination=[worker.name], reply=True, timeout=10)
@@ -155,7 +173,7 @@ def main() -> None:
             ) as worker,
         ):
             h.log("warm-up")
-            for kind in ("invalid", "tiny"):
+            for kind in KINDS:
                 warm_args = argparse.Namespace(**{**vars(args), "tasks": min(100, args.tasks)})
                 warm = closed_loop(kind, client, queue, warm_args)
                 if warm.errors:
@@ -165,7 +183,7 @@ def main() -> None:
             time.sleep(args.idle_seconds)
             idle_rate = (worker.cpu_seconds() - c0) / (time.perf_counter() - t0)
 
-            for kind in ("invalid", "tiny"):
+            for kind in KINDS:
                 h.log(f"closed loop, {kind}: {args.tasks} tasks from {args.producers} producers")
                 since = len(worker.events())
                 cpu0, own0 = worker.cpu_seconds(), h.process_cpu_seconds()
@@ -189,7 +207,7 @@ def main() -> None:
                     }
                 )
             if not args.skip_drain:
-                for kind in ("invalid", "tiny"):
+                for kind in KINDS:
                     h.log(f"drain, {kind}: {args.tasks} tasks queued first")
                     since = len(worker.events())
                     d = drain(kind, client, worker, queue, args)
@@ -219,7 +237,7 @@ def main() -> None:
                 h.num(args.tasks / r["wall"]),
                 h.num(us, 0),
                 h.num(1e6 / us, 0) if us > 0 else "n/a",
-                h.num(r["in_task"], 2),
+                h.num(r["in_task"], 2) if r["in_task"] == r["in_task"] else "",  # NaN: no task.done
                 h.ms(r["p50"]) if r["p50"] is not None else "",
                 h.num(r["producer_cpu"] / args.tasks * 1e6, 0) if r["producer_cpu"] is not None else "",
             ]
@@ -244,9 +262,12 @@ def main() -> None:
         )
     }
 
-`invalid`: `embed` naming an alias the worker does not host (fails validation with
-`InvalidRequest`: pure Celery + JSON + Redis + logging). `tiny`: `embed` of "a" (the same
-plus the smallest MiniLM forward pass). Worker CPU is the process's user+system time over
+`trivial`: Celery's built-in `celery.accumulate` (returns its argument) on the worker's
+queue: Celery + JSON + Redis for a task that succeeds, nothing of ours. `invalid`: `embed`
+naming an alias the worker does not host (fails validation with `InvalidRequest`; Celery
+then builds and stores the failure's traceback, which is most of its cost). `tiny`:
+`embed` of "a" (our task wrapper, logging, tokenizing, the batcher and the smallest
+MiniLM forward pass). Worker CPU is the process's user+system time over
 the phase less its idle rate ({idle_rate * 1000:.1f} ms CPU per second idle). "ceiling
 tasks/s/core" = 1 s / CPU per task. "in-task" is the task body alone (the `task.done`
 log event's `duration_ms`: validation to result, excluding Celery's receive/ack/store).
