@@ -1,20 +1,18 @@
 """kombu's Redis transport, without a per-message cost it need not pay.
 
-kombu 5.7 builds a new ``redis.Redis`` client object for most channel operations that are
-not the consumer's BRPOP: every publish (``LPUSH``), and with late acks, the bookkeeping
-around every delivery. redis-py 8 copies its several hundred response callbacks into a
-case-insensitive dict whenever a client is built.
+kombu 5.7 builds a new ``redis.Redis`` client object for most channel operations other
+than the consumer's BRPOP: every publish (``LPUSH``) and, with late acks, the "unacked"
+bookkeeping around every message (recorded at delivery so that a worker that dies has
+its messages redelivered, removed at ack). redis-py 8 copies its several hundred
+response callbacks into a case-insensitive dict whenever a client is built. Under the
+embed load that was 16% of the worker's Python time (py-spy ``--gil``), all of it on the
+consumer's event loop, which every message passes through.
 
-With late acks, kombu records every delivered message in an "unacked" hash (so that a
-worker that dies has its messages redelivered) and removes it on ack: one pipeline each.
-Under the embed load, building those clients was 16% of the worker's Python time (py-spy
-``--gil``), all of it on the consumer's event loop, which every message passes through.
-
-This channel builds its client once per connection pool and reuses it, for the worker
-and for :class:`producer.InferenceClient`'s sends. A redis-py
-client is safe to share between threads: each command or pipeline takes its own
-connection from the pool. Everything else (the message format, the unacked bookkeeping,
-redelivery after the visibility timeout) is kombu's, unchanged.
+This channel builds its client once per connection pool and reuses it, in the worker and
+in :class:`producer.InferenceClient`'s sends. A redis-py client is safe to share between
+threads: each command or pipeline takes its own connection from the pool. Everything
+else (the message format, the unacked bookkeeping, redelivery after the visibility
+timeout) is kombu's, unchanged.
 """
 
 from __future__ import annotations

@@ -352,3 +352,4 @@ def test_broker_channel_reuses_one_client_and_keeps_kombus_unacked_bookkeeping(r
         finally:
             queue.queue.delete()
             queue.close()
+            check.close()
