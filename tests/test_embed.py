@@ -171,3 +171,44 @@ def test_each_task_reaches_the_worker_hosting_its_model(start_worker: Any, produ
         assert set(ids[side]) <= ran
         assert not set(ids[other]) & ran
     assert left.ready_event and left.ready_event["queues"] == [queue_name("left")]
+
+
+def test_a_task_whose_worker_is_killed_is_redelivered_and_completes(
+    redis_url: str, workdir: Path, minilm_path: str, producer: Celery, oracle: Any, redis_client: Any
+) -> None:
+    """A crash loses nothing. The message waits in kombu's unacked hash, and the next
+    worker redelivers it once the visibility timeout has passed."""
+    from tests.conftest import WorkerProcess
+    from worker.settings import TASK_KINDS
+
+    queue = queue_name("crash")
+    models = {"crashy": {"task": "embed", "source": minilm_path, "queue": queue}}
+    base = {"redis_url": redis_url, "device": "cpu", "models": models}
+    texts = [f"sentence number {i} about crashes, redelivery and nothing lost" for i in range(200)]
+    first = WorkerProcess("crash-first", base, workdir).start()
+    second = None
+    try:
+        result = producer.send_task("embed", kwargs={"model": "crashy", "input": texts}, queue=queue)
+        deadline = time.monotonic() + RESULT_TIMEOUT
+        while not any(result.id in raw for raw in redis_client.hvals("unacked")):  # delivered, not acked
+            assert time.monotonic() < deadline, "the first worker never took the task"
+            time.sleep(0.01)
+        assert first.proc is not None
+        first.proc.kill()  # SIGKILL: no warm shutdown, nothing handed back
+        first.proc.wait(10)
+        assert result.state == "PENDING", "the task finished before the kill; the test needs a longer one"
+
+        # a short visibility timeout (it must exceed every time limit) so the test need not wait long
+        settings = {"time_limits": dict.fromkeys(TASK_KINDS, 8), "visibility_timeout": 9}
+        second = WorkerProcess("crash-second", {**base, **settings}, workdir).start()
+        got = np.asarray(result.get(timeout=RESULT_TIMEOUT)["embeddings"])
+        expected = oracle.encode(texts, normalize_embeddings=True)
+        assert got.shape == expected.shape
+        assert (got * expected).sum(axis=1).min() >= 0.9999
+        done = [e for e in second.events() if e.get("event") == "task.done" and e.get("task_id") == result.id]
+        assert done and done[0]["outcome"] == "ok"
+    finally:
+        for worker in (first, second):
+            if worker is not None:
+                worker.stop()
+        redis_client.delete(queue)
