@@ -42,7 +42,14 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        # kombu >= 5.7 scans the unacked hash for a dead worker's messages only on every
+        # 10th 10 s tick by default (unacked_restore_throttle); scan on every tick, so a
+        # crash's tasks come back within visibility_timeout + 10 s, as the README says
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+        },
         "broker_connection_retry_on_startup": True,
         "result_expires": settings.result_expires,
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
