@@ -44,7 +44,7 @@ class BatchLimits:
 
 
 @dataclass
-class _Request:
+class BatchRequest:
     items: Sequence[Features]
     outputs: list[Any]
     remaining: int
@@ -106,7 +106,7 @@ class DynamicBatcher:
         self.stats = BatchStats()
         self._forward = forward
         self._cond = threading.Condition()
-        self._pending: list[_Request] = []
+        self._pending: list[BatchRequest] = []
         self._pending_rows = 0
         self._active = 0  # requests that entered the model and may submit soon
         self._closed = False
@@ -132,19 +132,35 @@ class DynamicBatcher:
         """Outputs for ``items``, in order, computed in shared batches."""
         if not items:
             return []
-        request = _Request(items=items, outputs=[None] * len(items), remaining=len(items))
-        self.stats.requests += 1
+        return self.wait(self.submit_many([items])[0], timeout)
+
+    def submit_many(self, groups: Sequence[Sequence[Features]]) -> list[BatchRequest]:
+        """Queue several requests at once (the bulk consumer's way in): the batching thread
+        sees them together, so they share forward passes without waiting for one another.
+        Collect each one's outputs with :meth:`wait`."""
+        requests = [BatchRequest(items=items, outputs=[None] * len(items), remaining=len(items)) for items in groups]
+        self.stats.requests += len(requests)
+        for request in requests:
+            if not request.items:
+                request.done.set()
+        live = [r for r in requests if r.items]
+        if not live:
+            return requests
         if self._thread is None:
-            self._execute([request])
-        else:
-            with self._cond:
-                if self._closed:
-                    raise InferenceError(f"model {self.name} is shutting down")
-                self._pending.append(request)
-                self._pending_rows += len(items)
-                self._cond.notify_all()
-            if not request.done.wait(timeout):
-                raise InferenceError(f"model {self.name}: no result within {timeout:.0f}s")
+            self._execute(live)
+            return requests
+        with self._cond:
+            if self._closed:
+                raise InferenceError(f"model {self.name} is shutting down")
+            self._pending.extend(live)
+            self._pending_rows += sum(len(r.items) for r in live)
+            self._cond.notify_all()
+        return requests
+
+    def wait(self, request: BatchRequest, timeout: float) -> list[Any]:
+        """The outputs of a submitted request, in order; ``InferenceError`` after ``timeout``."""
+        if not request.done.wait(timeout):
+            raise InferenceError(f"model {self.name}: no result within {timeout:.0f}s")
         if request.error is not None:
             raise request.error
         return request.outputs
@@ -187,13 +203,13 @@ class DynamicBatcher:
                 self._last_log = time.monotonic()
                 log.info("batcher.stats", model=self.name, **self.stats.as_dict())
 
-    def _execute(self, requests: list[_Request]) -> None:
-        rows: list[tuple[_Request, int]] = [(r, i) for r in requests for i in range(len(r.items))]
+    def _execute(self, requests: list[BatchRequest]) -> None:
+        rows: list[tuple[BatchRequest, int]] = [(r, i) for r in requests for i in range(len(r.items))]
         lengths = [len(r.items[i]["input_ids"]) for r, i in rows]
         for batch in plan_batches(lengths, self.limits):
             self._run_batch([rows[k] for k in batch])
 
-    def _run_batch(self, rows: list[tuple[_Request, int]]) -> None:
+    def _run_batch(self, rows: list[tuple[BatchRequest, int]]) -> None:
         live = [(r, i) for r, i in rows if r.error is None]
         if not live:
             return
@@ -228,7 +244,7 @@ class DynamicBatcher:
                 request.done.set()
 
     @staticmethod
-    def _fail(request: _Request, error: BaseException) -> None:
+    def _fail(request: BatchRequest, error: BaseException) -> None:
         request.error = error
         request.done.set()
 

@@ -7,7 +7,7 @@ forward passes through the model's :class:`~models.batcher.DynamicBatcher`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,19 @@ _MODEL_CLASSES = {
     NER: AutoModelForTokenClassification,
 }
 _UNBOUNDED = 1_000_000  # tokenizers without a limit report ~1e30 as model_max_length
+
+
+@dataclass
+class Prepared:
+    """A tokenized request: the rows for the batcher, and what turns their outputs into
+    the task's answer."""
+
+    items: list[Features]
+    finish: Callable[[list[np.ndarray]], Any]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(it["input_ids"]) for it in self.items)
 
 
 @dataclass(frozen=True)
@@ -149,58 +162,85 @@ class EncoderRuntime:
     # Results come back from the batcher as numpy rows: the request threads do their
     # small post-processing in numpy, never in torch, whose thread pools are the batcher's.
 
-    def embed(self, texts: Sequence[str], normalize: bool = True) -> tuple[list[list[float]], int]:
+    # Each task is prepared (tokenized, in the caller's thread), run through the batcher,
+    # and finished (pooling outputs, probabilities, entities) from its rows. A Celery task
+    # does the three in a row (``serve``); the bulk consumer prepares many requests, submits
+    # them together and finishes each as its rows come back.
+
+    def prepare_embed(self, texts: Sequence[str], normalize: bool = True) -> Prepared:
+        normalize = normalize or (self.pooling is not None and self.pooling.normalize)
+
+        def finish(rows: list[np.ndarray]) -> list[list[float]]:
+            vectors = np.stack(rows)
+            if normalize:
+                norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+                vectors = vectors / np.maximum(norms, 1e-12)  # as F.normalize(p=2, eps=1e-12)
+            return vectors.tolist()
+
+        return Prepared(self._tokenize(texts), finish)
+
+    def prepare_rerank(self, query: str, documents: Sequence[str]) -> Prepared:
+        def finish(rows: list[np.ndarray]) -> list[float]:
+            logits = np.stack(rows)[:, 0].astype(np.float64)
+            return (1.0 / (1.0 + np.exp(-logits))).tolist()
+
+        return Prepared(self._tokenize_pairs(query, documents), finish)
+
+    def prepare_classify(self, texts: Sequence[str]) -> Prepared:
+        """Finishes to every label with its probability, best first, for each text."""
+
+        def finish(rows: list[np.ndarray]) -> list[list[tuple[str, float]]]:
+            logits = np.stack(rows).astype(np.float64)
+            multi_label = self.config.problem_type == "multi_label_classification" or self.config.num_labels == 1
+            probs = 1.0 / (1.0 + np.exp(-logits)) if multi_label else _softmax(logits)
+            results = []
+            for row in probs.tolist():
+                ranked = sorted(enumerate(row), key=lambda p: p[1], reverse=True)
+                results.append([(self.id2label.get(i, f"LABEL_{i}"), score) for i, score in ranked])
+            return results
+
+        return Prepared(self._tokenize(texts), finish)
+
+    def prepare_ner(self, texts: Sequence[str]) -> Prepared:
+        encoded = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_length,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            return_attention_mask=False,
+            return_token_type_ids=self.uses_token_types,
+        )
+        # offsets and the special-token mask stay here; only ids go to the model
+        offsets = encoded.pop("offset_mapping")
+        special = encoded.pop("special_tokens_mask")
+
+        def finish(rows: list[np.ndarray]) -> list[list[dict[str, Any]]]:
+            return [
+                aggregate_simple(text, _softmax(logits), offs, spec, self.id2label)
+                for text, logits, offs, spec in zip(texts, rows, offsets, special)
+            ]
+
+        return Prepared(_split_features(encoded), finish)
+
+    def serve(self, prepare: Callable[[], Prepared]) -> tuple[Any, int]:
+        """Prepare, run and finish one request; returns its output and its token count."""
         with self._session():
-            items = self._tokenize(texts)
-            rows = self._run(items)
-        vectors = np.stack(rows)
-        if normalize or (self.pooling is not None and self.pooling.normalize):
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, 1e-12)  # as F.normalize(p=2, eps=1e-12)
-        return vectors.tolist(), _count(items)
+            prepared = prepare()
+            rows = self._run(prepared.items)
+        return prepared.finish(rows), prepared.tokens
+
+    def embed(self, texts: Sequence[str], normalize: bool = True) -> tuple[list[list[float]], int]:
+        return self.serve(lambda: self.prepare_embed(texts, normalize))
 
     def rerank(self, query: str, documents: Sequence[str]) -> tuple[list[float], int]:
-        with self._session():
-            items = self._tokenize_pairs(query, documents)
-            rows = self._run(items)
-        logits = np.stack(rows)[:, 0].astype(np.float64)
-        return (1.0 / (1.0 + np.exp(-logits))).tolist(), _count(items)
+        return self.serve(lambda: self.prepare_rerank(query, documents))
 
     def classify(self, texts: Sequence[str]) -> tuple[list[list[tuple[str, float]]], int]:
-        """Every label with its probability, best first, for each text."""
-        with self._session():
-            items = self._tokenize(texts)
-            rows = self._run(items)
-        logits = np.stack(rows).astype(np.float64)
-        multi_label = self.config.problem_type == "multi_label_classification" or self.config.num_labels == 1
-        probs = 1.0 / (1.0 + np.exp(-logits)) if multi_label else _softmax(logits)
-        results = []
-        for row in probs.tolist():
-            ranked = sorted(enumerate(row), key=lambda p: p[1], reverse=True)
-            results.append([(self.id2label.get(i, f"LABEL_{i}"), score) for i, score in ranked])
-        return results, _count(items)
+        return self.serve(lambda: self.prepare_classify(texts))
 
     def ner(self, texts: Sequence[str]) -> tuple[list[list[dict[str, Any]]], int]:
-        with self._session():
-            encoded = self.tokenizer(
-                list(texts),
-                truncation=True,
-                max_length=self.max_length,
-                return_offsets_mapping=True,
-                return_special_tokens_mask=True,
-                return_attention_mask=False,
-                return_token_type_ids=self.uses_token_types,
-            )
-            # offsets and the special-token mask stay here; only ids go to the model
-            offsets = encoded.pop("offset_mapping")
-            special = encoded.pop("special_tokens_mask")
-            items = _split_features(encoded)
-            rows = self._run(items)
-        entities = []
-        for text, logits, offs, spec in zip(texts, rows, offsets, special):
-            probs = _softmax(logits)
-            entities.append(aggregate_simple(text, probs, offs, spec, self.id2label))
-        return entities, _count(items)
+        return self.serve(lambda: self.prepare_ner(texts))
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -269,10 +309,6 @@ class EncoderRuntime:
 def _split_features(encoded: Any) -> list[Features]:
     keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
     return [{k: encoded[k][i] for k in keys} for i in range(len(encoded["input_ids"]))]
-
-
-def _count(items: Sequence[Features]) -> int:
-    return sum(len(it["input_ids"]) for it in items)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -37,6 +37,15 @@ class InferenceTask(Task):
         return self._limits  # type: ignore[return-value]
 
 
+def validate(kind: str, schema: type[R], args: Any, kwargs: Any, limits: Limits) -> R:
+    """The request as its schema, or ``InvalidRequest`` naming what is wrong."""
+    if args:
+        raise InvalidRequest(f"{kind} takes keyword arguments only; got {len(args)} positional argument(s)")
+    if not isinstance(kwargs, dict):
+        raise InvalidRequest(f"{kind}: keyword arguments must be an object, got {type(kwargs).__name__}")
+    return parse(schema, kwargs, limits)
+
+
 def serve(
     task: InferenceTask,
     kind: str,
@@ -56,9 +65,7 @@ def serve(
     started = time.perf_counter()
     outcome = "error"
     try:
-        if args:
-            raise InvalidRequest(f"{kind} takes keyword arguments only; got {len(args)} positional argument(s)")
-        result = handler(parse(schema, kwargs, task.limits()))
+        result = handler(validate(kind, schema, args, kwargs, task.limits()))
         outcome = "ok"
         return result
     except InvalidRequest as exc:

@@ -2,71 +2,113 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from celery import shared_task
 
 from models.base import CLASSIFY, EMBED, NER, RERANK
 from models.registry import registry
 from tasks.base import InferenceTask, serve
-from tasks.schemas import ClassifyRequest, EmbedRequest, NerRequest, RerankRequest
+from tasks.schemas import ClassifyRequest, EmbedRequest, NerRequest, Request, RerankRequest
+
+if TYPE_CHECKING:  # torch and transformers load with the models, not with the task modules
+    from models.encoder import EncoderRuntime, Prepared
 
 
 @shared_task(name="embed", base=InferenceTask, bind=True)
 def embed(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return serve(self, "embed", EmbedRequest, args, kwargs, _embed)
+    return serve(self, "embed", EmbedRequest, args, kwargs, lambda req: execute(plan_embed(req)))
 
 
 @shared_task(name="rerank", base=InferenceTask, bind=True)
 def rerank(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return serve(self, "rerank", RerankRequest, args, kwargs, _rerank)
+    return serve(self, "rerank", RerankRequest, args, kwargs, lambda req: execute(plan_rerank(req)))
 
 
 @shared_task(name="ner", base=InferenceTask, bind=True)
 def ner(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return serve(self, "ner", NerRequest, args, kwargs, _ner)
+    return serve(self, "ner", NerRequest, args, kwargs, lambda req: execute(plan_ner(req)))
 
 
 @shared_task(name="classify", base=InferenceTask, bind=True)
 def classify(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return serve(self, "classify", ClassifyRequest, args, kwargs, _classify)
+    return serve(self, "classify", ClassifyRequest, args, kwargs, lambda req: execute(plan_classify(req)))
 
 
-def _embed(req: EmbedRequest) -> dict[str, Any]:
+@dataclass
+class Plan:
+    """A validated request bound to its runtime: how to prepare it (tokenize), and how to
+    build the task's result from the runtime's output and the token count."""
+
+    runtime: EncoderRuntime
+    prepare: Callable[[], Prepared]
+    build: Callable[[Any, int], dict[str, Any]]
+
+
+def execute(plan: Plan) -> dict[str, Any]:
+    """One request on its own: prepare, run through the batcher, build the result."""
+    output, tokens = plan.runtime.serve(plan.prepare)
+    return plan.build(output, tokens)
+
+
+def plan_embed(req: EmbedRequest) -> Plan:
     runtime = registry.get(req.model, EMBED)
-    vectors, tokens = runtime.embed(req.input, normalize=req.normalize)
-    return {
-        "model": req.model,
-        "embeddings": vectors,
-        "dimensions": len(vectors[0]),
-        "usage": {"prompt_tokens": tokens},
-    }
+
+    def build(vectors: list[list[float]], tokens: int) -> dict[str, Any]:
+        return {
+            "model": req.model,
+            "embeddings": vectors,
+            "dimensions": len(vectors[0]),
+            "usage": {"prompt_tokens": tokens},
+        }
+
+    return Plan(runtime, lambda: runtime.prepare_embed(req.input, normalize=req.normalize), build)
 
 
-def _rerank(req: RerankRequest) -> dict[str, Any]:
+def plan_rerank(req: RerankRequest) -> Plan:
     runtime = registry.get(req.model, RERANK)
-    scores, tokens = runtime.rerank(req.query, req.documents)
-    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
-    if req.top_n is not None:
-        order = order[: req.top_n]
-    results = []
-    for i in order:
-        item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
-        if req.return_documents:
-            item["document"] = req.documents[i]
-        results.append(item)
-    return {"model": req.model, "results": results, "usage": {"prompt_tokens": tokens}}
+
+    def build(scores: list[float], tokens: int) -> dict[str, Any]:
+        order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+        if req.top_n is not None:
+            order = order[: req.top_n]
+        results = []
+        for i in order:
+            item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+            if req.return_documents:
+                item["document"] = req.documents[i]
+            results.append(item)
+        return {"model": req.model, "results": results, "usage": {"prompt_tokens": tokens}}
+
+    return Plan(runtime, lambda: runtime.prepare_rerank(req.query, req.documents), build)
 
 
-def _ner(req: NerRequest) -> dict[str, Any]:
+def plan_ner(req: NerRequest) -> Plan:
     runtime = registry.get(req.model, NER)
-    entities, tokens = runtime.ner(req.input)
-    return {"model": req.model, "entities": entities, "usage": {"prompt_tokens": tokens}}
+
+    def build(entities: list[list[dict[str, Any]]], tokens: int) -> dict[str, Any]:
+        return {"model": req.model, "entities": entities, "usage": {"prompt_tokens": tokens}}
+
+    return Plan(runtime, lambda: runtime.prepare_ner(req.input), build)
 
 
-def _classify(req: ClassifyRequest) -> dict[str, Any]:
+def plan_classify(req: ClassifyRequest) -> Plan:
     runtime = registry.get(req.model, CLASSIFY)
-    ranked, tokens = runtime.classify(req.input)
-    k = req.top_k
-    results = [[{"label": label, "score": score} for label, score in labels[:k]] for labels in ranked]
-    return {"model": req.model, "results": results, "usage": {"prompt_tokens": tokens}}
+
+    def build(ranked: list[list[tuple[str, float]]], tokens: int) -> dict[str, Any]:
+        k = req.top_k
+        results = [[{"label": label, "score": score} for label, score in labels[:k]] for labels in ranked]
+        return {"model": req.model, "results": results, "usage": {"prompt_tokens": tokens}}
+
+    return Plan(runtime, lambda: runtime.prepare_classify(req.input), build)
+
+
+PLANNERS: dict[str, tuple[type[Request], Callable[[Any], Plan]]] = {
+    EMBED: (EmbedRequest, plan_embed),
+    RERANK: (RerankRequest, plan_rerank),
+    NER: (NerRequest, plan_ner),
+    CLASSIFY: (ClassifyRequest, plan_classify),
+}
+"""Each encoder task's request schema and planner, for the bulk consumer (worker/bulk.py)."""
