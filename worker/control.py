@@ -15,4 +15,9 @@ from models.registry import registry
 @inspect_command()
 def model_stats(state: Any) -> dict[str, Any]:
     """Per model: requests, forward passes, rows per batch, padding efficiency."""
-    return {"models": registry.stats(), "ready": registry.wait_ready(0)}
+    from worker import lifecycle
+
+    out: dict[str, Any] = {"models": registry.stats(), "ready": registry.wait_ready(0)}
+    if lifecycle.intake is not None:
+        out["intake"] = lifecycle.intake.stats.as_dict()
+    return out

@@ -78,6 +78,50 @@ class LoadModels(bootsteps.StartStopStep):
 app.steps["worker"].add(LoadModels)
 
 
+class BulkIntakeStep(bootsteps.StartStopStep):
+    """Runs the bulk intake (worker/bulk.py) on the encoder-only queues, which Celery's own
+    consumer then leaves alone. Starts after the models load; stops, answering what it
+    holds, before they close."""
+
+    requires = (LoadModels,)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.queues = current_settings().bulk_queues()
+        self.enabled = bool(self.queues)
+        if self.enabled:
+            parent.app.amqp.queues.deselect(self.queues)
+
+    def start(self, parent: Any) -> None:
+        from tasks.schemas import Limits
+        from worker.bulk import BulkIntake
+
+        global intake
+        settings = current_settings()
+        intake = BulkIntake(
+            parent.app,
+            self.queues,
+            redis_url=settings.redis_url,
+            prefetch=settings.intake_prefetch,
+            time_limits=settings.time_limits,
+            limits=Limits(max_items=settings.max_items, max_text_chars=settings.max_text_chars),
+            hostname=parent.hostname,
+        )
+        intake.start()
+
+    def stop(self, parent: Any) -> None:
+        global intake
+        if intake is not None:
+            intake.stop()
+            intake = None
+
+
+intake: Any = None
+"""The running :class:`~worker.bulk.BulkIntake`, if any (for ``inspect model_stats``)."""
+
+app.steps["worker"].add(BulkIntakeStep)
+
+
 @worker_process_init.connect
 def _load_in_child(**_: Any) -> None:
     load_models(current_settings())
@@ -95,7 +139,8 @@ def _ready(sender: Any = None, **_: Any) -> None:
         "worker.ready",
         startup_s=round(time.monotonic() - _STARTED, 3),
         models=sorted(settings.hosted),
-        queues=[settings.queue_of(a) for a in settings.hosted],
+        queues=sorted({settings.queue_of(a) for a in settings.hosted}),
+        bulk_queues=settings.bulk_queues(),
         pool=settings.pool,
         concurrency=settings.concurrency,
     )

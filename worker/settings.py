@@ -147,6 +147,15 @@ class WorkerSettings(BaseSettings):
     pool: Literal["threads", "solo", "prefork"] = Field("threads", description="Celery execution pool.")
     concurrency: int = Field(8, ge=1, le=512, description="Tasks run at once (threads of the pool).")
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    intake: Literal["bulk", "celery"] = Field(
+        "bulk",
+        description="How queues that carry only encoder models are consumed: 'bulk' takes many messages per "
+        "Redis call and answers them without a pool thread each (worker/bulk.py); 'celery' runs one Celery "
+        "task per message. Queues with a generate model, and the prefork pool, always use Celery's.",
+    )
+    intake_prefetch: int = Field(
+        128, ge=1, le=4096, description="Most messages the bulk intake holds at once (taken, not yet answered)."
+    )
     max_items: int = Field(2048, ge=1, description="Most inputs (texts, documents) in one request.")
     max_text_chars: int = Field(1_000_000, ge=1, description="Longest single text accepted, in characters.")
     time_limits: dict[str, float] = Field(
@@ -209,6 +218,15 @@ class WorkerSettings(BaseSettings):
 
     def queue_of(self, alias: str) -> str:
         return self.models[alias].queue or alias
+
+    def bulk_queues(self) -> list[str]:
+        """The queues the bulk intake consumes: those whose hosted models are all encoders."""
+        if self.intake != "bulk" or self.pool == "prefork":
+            return []
+        kinds: dict[str, set[str]] = {}
+        for alias, spec in self.hosted.items():
+            kinds.setdefault(self.queue_of(alias), set()).add(spec.task)
+        return [q for q, tasks in kinds.items() if "generate" not in tasks]
 
     def batching_for(self, alias: str) -> BatchingSettings:
         return self.models[alias].batching or self.batching
