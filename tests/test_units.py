@@ -353,3 +353,69 @@ def test_broker_channel_reuses_one_client_and_keeps_kombus_unacked_bookkeeping(r
             queue.queue.delete()
             queue.close()
             check.close()
+
+
+# -- bulk intake -------------------------------------------------------------------------
+
+
+def test_bulk_intake_takes_only_encoder_only_queues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = {
+        "e": {"task": "embed", "source": "x"},
+        "r": {"task": "rerank", "source": "x", "queue": "shared"},
+        "g": {"task": "generate", "source": "x.gguf", "queue": "shared"},
+        "n": {"task": "ner", "source": "x", "queue": "enc"},
+        "c": {"task": "classify", "source": "x", "queue": "enc"},
+    }
+    assert sorted(_settings(tmp_path, monkeypatch, {"models": models}).bulk_queues()) == ["e", "enc"]
+    assert _settings(tmp_path, monkeypatch, {"models": models, "intake": "celery"}).bulk_queues() == []
+    assert _settings(tmp_path, monkeypatch, {"models": models, "pool": "prefork"}).bulk_queues() == []
+
+
+def test_bulk_pop_records_messages_as_kombu_does_so_kombu_can_restore_them(redis_url: str) -> None:
+    """The pop script takes messages from a queue's priority lists in kombu's order and
+    files each in kombu's unacked hash in kombu's own format: kombu's restore then puts
+    the very same message back on its list."""
+    import json
+    import uuid
+
+    import redis
+    from celery import Celery
+    from kombu import Exchange, Queue
+
+    from worker.bulk import POP_SCRIPT, UNACKED_INDEX_KEY, UNACKED_KEY, priority_keys
+
+    name = f"test-intake-{uuid.uuid4().hex}"
+    app = Celery("t", broker=redis_url, set_as_current=False)
+    app.conf.update(task_serializer="json", broker_transport_options={"visibility_timeout": 60})
+    check = redis.Redis.from_url(redis_url)
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    try:
+        with app.connection_for_write() as conn:
+            queue(conn.default_channel).declare()
+        ids = [app.send_task("embed", kwargs={"n": i}, queue=queue, priority=p).id for i, p in enumerate((0, 9, 0))]
+        keys = priority_keys(name)
+        assert check.llen(keys[0]) == 2 and check.llen(keys[3]) == 1
+        got = check.register_script(POP_SCRIPT)(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, *keys], args=[10])
+        popped = [json.loads(got[k + 1]) for k in range(0, len(got), 2)]
+        assert [m["headers"]["id"] for m in popped] == [ids[0], ids[2], ids[1]]  # priority 0 first, FIFO
+        assert [int(got[k]) for k in range(0, len(got), 2)] == [1, 1, 4]
+        assert all(check.llen(k) == 0 for k in keys)
+        for message in popped:
+            tag = message["properties"]["delivery_tag"]
+            entry = json.loads(check.hget(UNACKED_KEY, tag))
+            info = message["properties"]["delivery_info"]
+            assert entry == [message, info["exchange"], info["routing_key"]]  # as kombu's QoS.append files it
+            assert check.zscore(UNACKED_INDEX_KEY, tag) is not None
+        # kombu's own restore (what any worker's sweep runs after a crash) hands them back
+        with app.connection_for_read() as conn:
+            qos = conn.default_channel.qos
+            for message in popped:
+                qos.restore_by_tag(message["properties"]["delivery_tag"], leftmost=True)
+        restored = [json.loads(raw) for k in keys for raw in check.lrange(k, 0, -1)]
+        assert sorted(m["headers"]["id"] for m in restored) == sorted(ids)
+        assert {m["body"] for m in restored} == {m["body"] for m in popped}
+        assert not any(check.hexists(UNACKED_KEY, m["properties"]["delivery_tag"]) for m in popped)
+    finally:
+        check.delete(*priority_keys(name))
+        check.close()
+        app.close()
