@@ -5,12 +5,14 @@ Measured in one run, never two loads at once:
 1. raw ``SentenceTransformer(path).encode`` in this process on the same sentences, at
    batch 1 and batch 32 (sentences/s), before the workers and again after them (the
    ratios use the mean);
-2. a worker with dynamic batching (the default): P producer threads send one sentence
-   per ``embed`` task, N tasks in all (req/s, p50/p99 send-to-result latency), then
-   S sequential single-sentence calls, each paired with a raw ``encode`` of the same
-   sentence (the two in turns), for p50 latency against raw;
-3. the same against a worker with ``batching: {enabled: false}``;
-4. optionally (``--compare-url``), the same load and single calls against an
+2. a worker as configured by default (dynamic batching, bulk intake): P producer threads
+   send one sentence per ``embed`` task, N tasks in all (req/s, p50/p99 send-to-result
+   latency), then S sequential single-sentence calls, each paired with a raw ``encode``
+   of the same sentence (the two in turns), for p50 latency against raw;
+3. the same against a worker with ``intake: celery`` (one Celery task per message);
+4. the same against a worker with ``intake: celery`` and ``batching: {enabled: false}``:
+   a plain Celery task calling ``encode`` per request;
+5. optionally (``--compare-url``), the same load and single calls against an
    OpenAI-compatible ``/embeddings`` HTTP server you started yourself on the same
    machine, e.g. infinity-emb (in a venv of its own; not a dependency of this project)::
 
@@ -91,6 +93,9 @@ def make_sentences(n: int, seed: int = 7) -> list[str]:
     return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(TAILS)}." for _ in range(n)]
 
 
+BULK = "worker, bulk intake (default)"
+CELERY = "worker, Celery intake"
+UNBATCHED = "worker, batching off, Celery intake"
 ENCODE_KW = {"normalize_embeddings": True, "show_progress_bar": False, "convert_to_numpy": True}
 
 
@@ -141,13 +146,14 @@ def measure_worker(
     single: list[str],
     batching: dict[str, Any] | None,
     raw_model: Any,
+    intake: str = "bulk",
 ) -> dict[str, Any]:
     alias = "minilm"
     queue = h.unique(f"embed-{label}")
     spec: dict[str, Any] = {"task": "embed", "source": path, "queue": queue}
     if batching is not None:
         spec["batching"] = batching
-    settings: dict[str, Any] = {"concurrency": args.concurrency}
+    settings: dict[str, Any] = {"concurrency": args.concurrency, "intake": intake}
     if args.threads:
         settings["threads_per_worker"] = args.threads
     client = h.client(args.redis_url, timeouts={"embed": args.task_timeout})
@@ -265,6 +271,7 @@ def main() -> None:
     p.add_argument("--task-timeout", type=float, default=120.0, help="seconds to wait for one result")
     p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds one load may take in all")
     p.add_argument("--skip-unbatched", action="store_true", help="skip the worker with batching disabled")
+    p.add_argument("--skip-celery-intake", action="store_true", help="skip the worker with the Celery intake")
     p.add_argument("--compare-url", default=None, help="also load an OpenAI-compatible /embeddings server here")
     p.add_argument("--compare-label", default="HTTP server", help="its name in the tables")
     p.add_argument("--compare-model", default="minilm", help="the model name it serves MiniLM under")
@@ -281,10 +288,18 @@ def main() -> None:
     raw_before = measure_raw(model, raw_sentences, "before the workers")
     with h.workdir(args) as wd:
         batched = measure_worker("batching", args, wd, path, sentences, single, None, model)
+        celery_intake = (
+            None
+            if args.skip_celery_intake
+            else measure_worker("celery-intake", args, wd, path, sentences, single, None, model, intake="celery")
+        )
+        # batching off, and one Celery task per message: the plain "Celery task calling encode"
         unbatched = (
             None
             if args.skip_unbatched
-            else measure_worker("no-batching", args, wd, path, sentences, single, {"enabled": False}, model)
+            else measure_worker(
+                "no-batching", args, wd, path, sentences, single, {"enabled": False}, model, intake="celery"
+            )
         )
     other = measure_http(args, sentences, single, model) if args.compare_url else None
     raw_after = measure_raw(model, raw_sentences, "after the workers")
@@ -295,7 +310,11 @@ def main() -> None:
 
     # -- report -------------------------------------------------------------------------------
     rows = []
-    for label, res in (("worker, batching on", batched), ("worker, batching off", unbatched)):
+    for label, res in (
+        (BULK, batched),
+        (CELERY, celery_intake),
+        (UNBATCHED, unbatched),
+    ):
         if res is None:
             continue
         load = res["load"]
@@ -358,20 +377,25 @@ def main() -> None:
 
     b32, b1 = raw["batch32"]["rate"], raw["batch1"]["rate"]
     ratio_rows = [
-        ["worker (batching on) / raw batch 32", h.ratio(batched["load"].throughput, b32)],
-        ["worker (batching on) / raw batch 1", h.ratio(batched["load"].throughput, b1)],
+        ["worker (bulk intake) / raw batch 32", h.ratio(batched["load"].throughput, b32)],
+        ["worker (bulk intake) / raw batch 1", h.ratio(batched["load"].throughput, b1)],
     ]
+    if celery_intake:
+        ratio_rows += [
+            ["worker (Celery intake) / raw batch 32", h.ratio(celery_intake["load"].throughput, b32)],
+            ["bulk intake / Celery intake", h.ratio(batched["load"].throughput, celery_intake["load"].throughput)],
+        ]
     if unbatched:
         ratio_rows += [
             ["worker (batching off) / raw batch 1", h.ratio(unbatched["load"].throughput, b1)],
             ["worker (batching off) / raw batch 32", h.ratio(unbatched["load"].throughput, b32)],
-            ["batching on / batching off", h.ratio(batched["load"].throughput, unbatched["load"].throughput)],
+            ["bulk intake / batching off", h.ratio(batched["load"].throughput, unbatched["load"].throughput)],
         ]
     if other is not None:
         ratio_rows += [
             [f"{args.compare_label} / raw batch 32", h.ratio(other["load"].throughput, b32)],
             [
-                f"worker (batching on) / {args.compare_label}",
+                f"worker (bulk intake) / {args.compare_label}",
                 h.ratio(batched["load"].throughput, other["load"].throughput),
             ],
         ]
@@ -380,8 +404,9 @@ def main() -> None:
 
     lat_rows = []
     for label, res in (
-        ("worker, batching on", batched),
-        ("worker, batching off", unbatched),
+        (BULK, batched),
+        (CELERY, celery_intake),
+        (UNBATCHED, unbatched),
         (args.compare_label, other),
     ):
         if res is not None:
@@ -390,7 +415,7 @@ def main() -> None:
             lat_rows.append([label, h.ms(w["p50"]), h.ms(w["p99"]), f"{(w['p50'] - r['p50']) * 1000:+.2f}"])
     latency = h.markdown_table(["single sentence, sequential", "p50 ms", "p99 ms", "p50 - raw p50 (ms)"], lat_rows)
 
-    sims = [cosine(res["vector"], reference) for res in (batched, unbatched, other) if res is not None]
+    sims = [cosine(res["vector"], reference) for res in (batched, celery_intake, unbatched, other) if res is not None]
     body = f"""### Throughput (MiniLM-L6, one short sentence per task)
 
 {throughput}

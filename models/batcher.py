@@ -146,8 +146,9 @@ class DynamicBatcher:
         live = [r for r in requests if r.items]
         if not live:
             return requests
-        if self._thread is None:
-            self._execute(live)
+        if self._thread is None:  # batching off: each request in passes of its own
+            for request in live:
+                self._execute([request])
             return requests
         with self._cond:
             if self._closed:
