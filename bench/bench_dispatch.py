@@ -144,6 +144,78 @@ def in_task_ms(worker: h.Worker, task_ids: set[str] | None, since: int) -> float
     return h.median(durations) if durations else float("nan")
 
 
+def measure_intake(
+    intake: str, args: Any, wd: Path, models: dict[str, Any], client: Any, queue: str
+) -> list[dict[str, Any]]:
+    """Every kind, closed loop and drain, against one worker with the given intake."""
+    rows: list[dict[str, Any]] = []
+    with h.running_worker(
+        f"dispatch-{intake}",
+        models,
+        redis_url=args.redis_url,
+        workdir=wd,
+        boot_timeout=args.boot_timeout,
+        concurrency=args.concurrency,
+        intake=intake,
+    ) as worker:
+        h.log("warm-up")
+        for kind in KINDS:
+            warm_args = argparse.Namespace(**{**vars(args), "tasks": min(100, args.tasks)})
+            warm = closed_loop(kind, client, queue, warm_args)
+            if warm.errors:
+                raise RuntimeError(f"warm-up {kind} failed: {warm.errors[:3]}\n{worker.log_tail()}")
+        h.log(f"idle CPU for {args.idle_seconds:.0f}s")
+        c0, t0 = worker.cpu_seconds(), time.perf_counter()
+        time.sleep(args.idle_seconds)
+        idle_rate = (worker.cpu_seconds() - c0) / (time.perf_counter() - t0)
+
+        for kind in KINDS:
+            h.log(f"closed loop, {kind}: {args.tasks} tasks from {args.producers} producers")
+            since = len(worker.events())
+            cpu0, own0 = worker.cpu_seconds(), h.process_cpu_seconds()
+            res = closed_loop(kind, client, queue, args)
+            cpu = worker.cpu_seconds() - cpu0
+            own = h.process_cpu_seconds() - own0
+            if res.errors:
+                raise RuntimeError(f"closed loop {kind}: {res.errors[:3]}\n{worker.log_tail()}")
+            if kind == "invalid" and res.expected_errors != args.tasks:
+                raise RuntimeError(f"only {res.expected_errors} of {args.tasks} failed with InvalidRequest")
+            time.sleep(0.3)  # the last log lines
+            rows.append(
+                {
+                    "intake": intake,
+                    "idle_rate": idle_rate,
+                    "kind": kind,
+                    "mode": f"closed loop, {args.producers} producers",
+                    "wall": res.wall_s,
+                    "cpu": cpu - idle_rate * res.wall_s,
+                    "producer_cpu": own,
+                    "p50": h.percentile(res.latencies, 50),
+                    "in_task": in_task_ms(worker, None, since),
+                }
+            )
+        if not args.skip_drain:
+            for kind in KINDS:
+                h.log(f"drain, {kind}: {args.tasks} tasks queued first")
+                since = len(worker.events())
+                d = drain(kind, client, worker, queue, args)
+                time.sleep(0.3)
+                rows.append(
+                    {
+                        "intake": intake,
+                        "idle_rate": idle_rate,
+                        "kind": kind,
+                        "mode": "drain (queued first)",
+                        "wall": d["wall"],
+                        "cpu": d["cpu"] - idle_rate * d["cpu_window"],
+                        "producer_cpu": None,
+                        "p50": None,
+                        "in_task": in_task_ms(worker, None, since),
+                    }
+                )
+    return rows
+
+
 def main() -> None:
     p = h.parser(__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, default=2000, help="tasks per phase")
@@ -153,6 +225,9 @@ def main() -> None:
     p.add_argument("--task-timeout", type=float, default=120.0, help="seconds to wait for one result")
     p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds one phase may take in all")
     p.add_argument("--skip-drain", action="store_true", help="closed-loop phases only")
+    p.add_argument(
+        "--intakes", nargs="+", default=["celery", "bulk"], choices=["celery", "bulk"], help="worker intakes to measure"
+    )
     args = p.parse_args()
     h.check_redis(args.redis_url)
 
@@ -161,68 +236,9 @@ def main() -> None:
     client = h.client(args.redis_url, timeouts={"embed": args.task_timeout})
     rows: list[dict[str, Any]] = []
     try:
-        with (
-            h.workdir(args) as wd,
-            h.running_worker(
-                "dispatch",
-                models,
-                redis_url=args.redis_url,
-                workdir=wd,
-                boot_timeout=args.boot_timeout,
-                concurrency=args.concurrency,
-            ) as worker,
-        ):
-            h.log("warm-up")
-            for kind in KINDS:
-                warm_args = argparse.Namespace(**{**vars(args), "tasks": min(100, args.tasks)})
-                warm = closed_loop(kind, client, queue, warm_args)
-                if warm.errors:
-                    raise RuntimeError(f"warm-up {kind} failed: {warm.errors[:3]}\n{worker.log_tail()}")
-            h.log(f"idle CPU for {args.idle_seconds:.0f}s")
-            c0, t0 = worker.cpu_seconds(), time.perf_counter()
-            time.sleep(args.idle_seconds)
-            idle_rate = (worker.cpu_seconds() - c0) / (time.perf_counter() - t0)
-
-            for kind in KINDS:
-                h.log(f"closed loop, {kind}: {args.tasks} tasks from {args.producers} producers")
-                since = len(worker.events())
-                cpu0, own0 = worker.cpu_seconds(), h.process_cpu_seconds()
-                res = closed_loop(kind, client, queue, args)
-                cpu = worker.cpu_seconds() - cpu0
-                own = h.process_cpu_seconds() - own0
-                if res.errors:
-                    raise RuntimeError(f"closed loop {kind}: {res.errors[:3]}\n{worker.log_tail()}")
-                if kind == "invalid" and res.expected_errors != args.tasks:
-                    raise RuntimeError(f"only {res.expected_errors} of {args.tasks} failed with InvalidRequest")
-                time.sleep(0.3)  # the last log lines
-                rows.append(
-                    {
-                        "kind": kind,
-                        "mode": f"closed loop, {args.producers} producers",
-                        "wall": res.wall_s,
-                        "cpu": cpu - idle_rate * res.wall_s,
-                        "producer_cpu": own,
-                        "p50": h.percentile(res.latencies, 50),
-                        "in_task": in_task_ms(worker, None, since),
-                    }
-                )
-            if not args.skip_drain:
-                for kind in KINDS:
-                    h.log(f"drain, {kind}: {args.tasks} tasks queued first")
-                    since = len(worker.events())
-                    d = drain(kind, client, worker, queue, args)
-                    time.sleep(0.3)
-                    rows.append(
-                        {
-                            "kind": kind,
-                            "mode": "drain (queued first)",
-                            "wall": d["wall"],
-                            "cpu": d["cpu"] - idle_rate * d["cpu_window"],
-                            "producer_cpu": None,
-                            "p50": None,
-                            "in_task": in_task_ms(worker, None, since),
-                        }
-                    )
+        for intake in args.intakes:
+            with h.workdir(args) as wd:
+                rows += measure_intake(intake, args, wd, models, client, queue)
     finally:
         client.close()
 
@@ -231,6 +247,7 @@ def main() -> None:
         us = r["cpu"] / args.tasks * 1e6
         table.append(
             [
+                r["intake"],
                 r["kind"],
                 r["mode"],
                 f"{r['wall']:.2f}",
@@ -242,11 +259,13 @@ def main() -> None:
                 h.num(r["producer_cpu"] / args.tasks * 1e6, 0) if r["producer_cpu"] is not None else "",
             ]
         )
+    idle = ", ".join(f"{r['intake']} {r['idle_rate'] * 1000:.1f}" for r in {r["intake"]: r for r in rows}.values())
     body = f"""### {args.tasks} tasks per phase, worker concurrency {args.concurrency} (threads pool)
 
 {
         h.markdown_table(
             [
+                "intake",
                 "task",
                 "mode",
                 "wall s",
@@ -258,19 +277,24 @@ def main() -> None:
                 "producer CPU µs/task",
             ],
             rows=table,
-            align="llrrrrrrr",
+            align="lllrrrrrrr",
         )
     }
 
+`intake`: `celery` is one Celery task per message; `bulk` is the worker's own consumer for
+encoder-only queues (the default; worker/bulk.py), which runs `celery.accumulate`, not an
+encoder task, through Celery's tracer in a side thread.
 `trivial`: Celery's built-in `celery.accumulate` (returns its argument) on the worker's
 queue: Celery + JSON + Redis for a task that succeeds, nothing of ours. `invalid`: `embed`
 naming an alias the worker does not host (fails validation with `InvalidRequest`; Celery
 then builds and stores the failure's traceback, which is most of its cost). `tiny`:
 `embed` of "a" (our task wrapper, logging, tokenizing, the batcher and the smallest
 MiniLM forward pass). Worker CPU is the process's user+system time over
-the phase less its idle rate ({idle_rate * 1000:.1f} ms CPU per second idle). "ceiling
-tasks/s/core" = 1 s / CPU per task. "in-task" is the task body alone (the `task.done`
-log event's `duration_ms`: validation to result, excluding Celery's receive/ack/store).
+the phase less its idle rate (ms CPU per second idle: {idle}). "ceiling
+tasks/s/core" = 1 s / CPU per task. "in-task" is the `task.done` log event's `duration_ms`:
+under Celery the task body alone (validation to result, without receive, ack and store);
+under the bulk intake the time from taking the message to answering it, so in a drain it
+includes the wait behind the messages taken with it.
 """
     h.report("bench_dispatch", "Dispatch: the worker's CPU per task", body, args)
 

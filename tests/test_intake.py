@@ -157,3 +157,23 @@ def oracle(minilm_path: str) -> Any:
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(minilm_path, device="cpu")
+
+
+def test_cancel_and_add_consumer_pause_and_resume_a_bulk_queue(embed_worker: Any, producer: Celery) -> None:
+    queue, name = queue_name("minilm"), embed_worker.name
+
+    def active() -> list[str]:
+        replies = producer.control.inspect(destination=[name], timeout=5).active_queues() or {}
+        return [q["name"] for q in replies.get(name, [])]
+
+    assert queue in active()
+    assert producer.control.cancel_consumer(queue, destination=[name], reply=True, timeout=5)
+    try:
+        assert queue not in active()
+        result = producer.send_task("embed", kwargs={"model": "minilm", "input": "held"}, queue=queue)
+        time.sleep(1.5)
+        assert not result.ready()
+    finally:
+        assert producer.control.add_consumer(queue, destination=[name], reply=True, timeout=5)
+    assert result.get(timeout=RESULT_TIMEOUT)["dimensions"] == 384
+    assert queue in active()

@@ -193,6 +193,7 @@ class BulkIntake:
         self._expires = backend.expires
         self._failure_expires = getattr(backend, "failure_expires", None) or backend.expires
         self._next_queue = 0
+        self._paused: set[str] = set()
         self._kombu: Any = None
         self._last_restore = -RESTORE_INTERVAL_S
 
@@ -226,6 +227,25 @@ class BulkIntake:
             self._kombu.release()
         wlog.info("intake.stopped", **self.stats.as_dict())
         self._redis.close()
+
+    def pause(self, queue: str) -> bool:
+        """Stop taking from ``queue`` (Celery's ``cancel_consumer``); False if not ours."""
+        if queue not in self._keys:
+            return False
+        self._paused.add(queue)
+        wlog.info("intake.paused", queue=queue)
+        return True
+
+    def resume(self, queue: str) -> bool:
+        """Take from ``queue`` again (Celery's ``add_consumer``); False if not ours."""
+        if queue not in self._keys:
+            return False
+        self._paused.discard(queue)
+        wlog.info("intake.resumed", queue=queue)
+        return True
+
+    def active_queues(self) -> list[str]:
+        return [q for q in self.queues if q not in self._paused]
 
     def _declare_bindings(self) -> None:
         """kombu hands an unacked message back through its exchange's binding table; Celery's
@@ -289,9 +309,13 @@ class BulkIntake:
     def _take(self, room: int) -> list[Job]:
         """Up to ``room`` messages from the queues in turn; waits up to 1 s when all are empty."""
         jobs: list[Job] = []
-        n = len(self.queues)
+        queues = self.active_queues()
+        if not queues:
+            self._stopping.wait(0.2)
+            return jobs
+        n = len(queues)
         for i in range(n):
-            q = self.queues[(self._next_queue + i) % n]
+            q = queues[(self._next_queue + i) % n]
             keys = self._keys[q]
             got = self._pop(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, *keys], args=[room - len(jobs)])
             for k in range(0, len(got), 2):
@@ -306,21 +330,29 @@ class BulkIntake:
         timeout = IDLE_WAIT_S
         if self._held:
             timeout = max(0.01, min(timeout, self._held[0][0] - time.time()))
-        got = self._redis.brpop(self._all_keys, timeout=timeout)
+        keys = self._all_keys if not self._paused else [k for k in self._all_keys if self._queue_of(k) in queues]
+        got = self._redis.brpop(keys, timeout=timeout)
         if got is None:
             return []
         key, raw = got[0].decode(), got[1]
+        if self._queue_of(key) in self._paused:  # paused while we waited: put it back where it was
+            self._redis.rpush(key, raw)
+            return []
         job = Job(raw=raw, key=key)
         self._record_unacked(job)  # as kombu does after its own BRPOP
         jobs = [job]
         if room > 1:  # a burst after a quiet spell: take the rest of it along
-            keys = self._keys.get(key.split(PRIORITY_SEP)[0], [])
+            keys = self._keys.get(self._queue_of(key), [])
             if keys:
                 got = self._pop(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, *keys], args=[room - 1])
                 jobs += [Job(raw=got[k + 1], key=keys[int(got[k]) - 1]) for k in range(0, len(got), 2)]
         self.stats.pops += 1
         self.stats.messages += len(jobs)
         return jobs
+
+    @staticmethod
+    def _queue_of(key: str) -> str:
+        return key.split(PRIORITY_SEP)[0]
 
     def _record_unacked(self, job: Job) -> None:
         try:
