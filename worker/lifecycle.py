@@ -87,7 +87,9 @@ class BulkIntakeStep(bootsteps.StartStopStep):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.queues = current_settings().bulk_queues()
+        # only what this worker was told to consume (celery worker -Q / -X select from these)
+        selected = set(parent.app.amqp.queues.consume_from)
+        self.queues = [q for q in current_settings().bulk_queues() if q in selected]
         self.enabled = bool(self.queues)
         if self.enabled:
             parent.app.amqp.queues.deselect(self.queues)
@@ -140,7 +142,7 @@ def _ready(sender: Any = None, **_: Any) -> None:
         startup_s=round(time.monotonic() - _STARTED, 3),
         models=sorted(settings.hosted),
         queues=sorted({settings.queue_of(a) for a in settings.hosted}),
-        bulk_queues=settings.bulk_queues(),
+        bulk_queues=list(intake.queues) if intake is not None else [],
         pool=settings.pool,
         concurrency=settings.concurrency,
     )
