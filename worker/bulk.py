@@ -263,10 +263,10 @@ class BulkIntake:
         while not self._stopping.is_set():
             try:
                 self._maybe_restore()
+                self._release_due()
                 room = self._wait_for_room()
                 if room == 0:
                     continue
-                self._release_due()
                 jobs = self._take(room)
                 failures = 0
                 if jobs:
@@ -301,10 +301,12 @@ class BulkIntake:
                 self._kombu = None
 
     def _wait_for_room(self) -> int:
+        """How many more messages may be taken; 0 after a short wait when none (the loop
+        then releases held messages that have come due and asks again)."""
         with self._cond:
-            while self._inflight >= self.prefetch and not self._stopping.is_set():
-                self._cond.wait(0.5)
-            return 0 if self._stopping.is_set() else self.prefetch - self._inflight
+            if self._inflight >= self.prefetch and not self._stopping.is_set():
+                self._cond.wait(0.1 if self._held else 0.5)
+            return 0 if self._stopping.is_set() else max(0, self.prefetch - self._inflight)
 
     def _take(self, room: int) -> list[Job]:
         """Up to ``room`` messages from the queues in turn; waits up to 1 s when all are empty."""
@@ -366,7 +368,7 @@ class BulkIntake:
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(UNACKED_KEY, tag, entry).zadd(UNACKED_INDEX_KEY, {tag: time.time()}).execute()
 
-    def _dispatch(self, jobs: list[Job]) -> None:
+    def _dispatch(self, jobs: list[Job], decoded: bool = False) -> None:
         """Decode, validate and tokenize; submit what runs here to the batchers at once."""
         from celery.worker import state as worker_state
 
@@ -375,24 +377,29 @@ class BulkIntake:
         ready: list[Job] = []  # answered without a forward pass (refused, invalid, revoked)
         runnable: list[Job] = []
         now = time.time()
+        held = 0
         for job in jobs:
-            if not self._decode(job):
+            if not decoded and not self._decode(job):
                 ready.append(job)
-                continue
-            if job.task_id in worker_state.revoked:
+            elif job.task_id in worker_state.revoked:
                 self._revoke(job, "revoked")
                 ready.append(job)
             elif self._expired(job, now):
                 self._revoke(job, "expired")
                 ready.append(job)
             elif job.eta is not None and job.eta > now:
+                # held until due; it stays in the unacked hash, and out of the prefetch count
                 self._held_seq += 1
                 heapq.heappush(self._held, (job.eta, self._held_seq, job))
+                held += 1
             elif self._needs_tracer(job):
                 self._tracer_pool.submit(self._trace, job)
             else:
                 self._prepare(job)
                 (runnable if job.state is None else ready).append(job)
+        if held:
+            with self._cond:
+                self._inflight -= held
         self._submit(runnable)
         group = ready + runnable
         if group:
@@ -402,23 +409,11 @@ class BulkIntake:
         now = time.time()
         due: list[Job] = []
         while self._held and self._held[0][0] <= now:
-            due.append(heapq.heappop(self._held)[2])
+            job = heapq.heappop(self._held)[2]
+            job.eta = None
+            due.append(job)
         if due:
-            with self._cond:
-                self._inflight -= len(due)  # _dispatch counts them again
-            for job in due:
-                job.eta = None
-            self._dispatch_decoded(due)
-
-    def _dispatch_decoded(self, jobs: list[Job]) -> None:
-        with self._cond:
-            self._inflight += len(jobs)
-        runnable, ready = [], []
-        for job in jobs:
-            self._prepare(job)
-            (runnable if job.state is None else ready).append(job)
-        self._submit(runnable)
-        self._done.put(ready + runnable)
+            self._dispatch(due, decoded=True)
 
     def _decode(self, job: Job) -> bool:
         """Fills the job from its message; False (and the job answered) when refused."""
