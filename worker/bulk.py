@@ -9,7 +9,8 @@ worker consumes instead like this:
   lists in kombu's order). In the same atomic step it records each one in kombu's unacked
   hash and index, exactly as kombu does on delivery. When a worker dies, any worker's
   kombu transport hands those messages back once the visibility timeout has passed, as
-  it does for Celery's own deliveries. When the queues are empty it waits with BRPOP.
+  it does for Celery's own deliveries. When the queues are empty it waits with BRPOP
+  (and puts what that brings back for the script to take).
 * The intake thread decodes each message (JSON only: anything else is refused, never
   decoded), validates it with the tasks' schemas and tokenizes it. It then submits all of
   them to their models' batchers at once, so they share forward passes.
@@ -45,7 +46,6 @@ import redis
 import structlog
 from celery import Celery, states
 from celery.exceptions import TaskRevokedError
-from kombu.utils.json import dumps as kombu_dumps
 from kombu.utils.json import loads as kombu_loads
 
 from models.errors import InferenceError, InvalidRequest, WorkerError
@@ -177,7 +177,7 @@ class BulkIntake:
         self.hostname = hostname
         self.stats = IntakeStats()
         self._redis = redis.Redis.from_url(redis_url, socket_timeout=IDLE_WAIT_S + 10, health_check_interval=30)
-        self._pop = self._redis.register_script(POP_SCRIPT)
+        self._pop_script = self._redis.register_script(POP_SCRIPT)
         self._keys = {q: priority_keys(q) for q in self.queues}
         # kombu's BRPOP order: every queue's priority-0 list first, then priority 3, ...
         self._all_keys = [self._keys[q][i] for i in range(len(PRIORITY_STEPS)) for q in self.queues]
@@ -310,63 +310,45 @@ class BulkIntake:
 
     def _take(self, room: int) -> list[Job]:
         """Up to ``room`` messages from the queues in turn; waits up to 1 s when all are empty."""
-        jobs: list[Job] = []
         queues = self.active_queues()
         if not queues:
             self._stopping.wait(0.2)
-            return jobs
+            return []
         n = len(queues)
-        for i in range(n):
-            q = queues[(self._next_queue + i) % n]
-            keys = self._keys[q]
-            got = self._pop(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, *keys], args=[room - len(jobs)])
-            for k in range(0, len(got), 2):
-                jobs.append(Job(raw=got[k + 1], key=keys[int(got[k]) - 1]))
-            if len(jobs) >= room:
-                break
+        jobs = self._pop([queues[(self._next_queue + i) % n] for i in range(n)], room)
         self._next_queue = (self._next_queue + 1) % n
         if jobs:
-            self.stats.pops += 1
-            self.stats.messages += len(jobs)
             return jobs
         timeout = IDLE_WAIT_S
         if self._held:
             timeout = max(0.01, min(timeout, self._held[0][0] - time.time()))
-        keys = self._all_keys if not self._paused else [k for k in self._all_keys if self._queue_of(k) in queues]
+        keys = [k for k in self._all_keys if self._queue_of(k) in queues]
         got = self._redis.brpop(keys, timeout=timeout)
         if got is None:
             return []
+        # put it back at the head of its list, and let the pop script take it with whatever
+        # came with it, each recorded in the unacked hash in the same atomic step
         key, raw = got[0].decode(), got[1]
-        if self._queue_of(key) in self._paused:  # paused while we waited: put it back where it was
-            self._redis.rpush(key, raw)
-            return []
-        job = Job(raw=raw, key=key)
-        self._record_unacked(job)  # as kombu does after its own BRPOP
-        jobs = [job]
-        if room > 1:  # a burst after a quiet spell: take the rest of it along
-            keys = self._keys.get(self._queue_of(key), [])
-            if keys:
-                got = self._pop(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, *keys], args=[room - 1])
-                jobs += [Job(raw=got[k + 1], key=keys[int(got[k]) - 1]) for k in range(0, len(got), 2)]
-        self.stats.pops += 1
-        self.stats.messages += len(jobs)
+        self._redis.rpush(key, raw)
+        queue = self._queue_of(key)
+        return self._pop([queue], room) if queue not in self._paused else []
+
+    def _pop(self, queues: list[str], room: int) -> list[Job]:
+        jobs: list[Job] = []
+        for queue in queues:
+            keys = self._keys[queue]
+            got = self._pop_script(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, *keys], args=[room - len(jobs)])
+            jobs += [Job(raw=got[k + 1], key=keys[int(got[k]) - 1]) for k in range(0, len(got), 2)]
+            if len(jobs) >= room:
+                break
+        if jobs:
+            self.stats.pops += 1
+            self.stats.messages += len(jobs)
         return jobs
 
     @staticmethod
     def _queue_of(key: str) -> str:
         return key.split(PRIORITY_SEP)[0]
-
-    def _record_unacked(self, job: Job) -> None:
-        try:
-            message = kombu_loads(job.raw)
-            props = message["properties"]
-            tag = props["delivery_tag"]
-            info = props.get("delivery_info") or {}
-        except Exception:  # undecodable: _dispatch refuses it
-            return
-        entry = kombu_dumps([message, info.get("exchange") or "", info.get("routing_key") or ""])
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(UNACKED_KEY, tag, entry).zadd(UNACKED_INDEX_KEY, {tag: time.time()}).execute()
 
     def _dispatch(self, jobs: list[Job], decoded: bool = False) -> None:
         """Decode, validate and tokenize; submit what runs here to the batchers at once."""
