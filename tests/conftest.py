@@ -180,8 +180,8 @@ def test_models(minilm_path: str, tmp_path_factory: pytest.TempPathFactory) -> d
     return build_test_models(minilm_path, tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="session")
-def encoder_worker(start_worker: Any, minilm_path: str, test_models: dict[str, str]) -> WorkerProcess:
+def encoder_models(minilm_path: str, test_models: dict[str, str], queue_prefix: str) -> dict[str, Any]:
+    """MiniLM and the built test models, one per encoder task, each on a queue of its own."""
     models = {
         "minilm": {"task": "embed", "source": minilm_path},
         "reranker": {"task": "rerank", "source": test_models["reranker"]},
@@ -190,21 +190,19 @@ def encoder_worker(start_worker: Any, minilm_path: str, test_models: dict[str, s
         "topics": {"task": "classify", "source": test_models["topics"]},
     }
     for alias, spec in models.items():
-        spec["queue"] = queue_name(f"enc-{alias}")
-    return start_worker("encoders", models, concurrency=32)
+        spec["queue"] = queue_name(f"{queue_prefix}-{alias}")
+    return models
+
+
+@pytest.fixture(scope="session")
+def encoder_worker(start_worker: Any, minilm_path: str, test_models: dict[str, str]) -> WorkerProcess:
+    return start_worker("encoders", encoder_models(minilm_path, test_models, "enc"), concurrency=32)
 
 
 @pytest.fixture(scope="session")
 def celery_intake_worker(start_worker: Any, minilm_path: str, test_models: dict[str, str]) -> WorkerProcess:
     """The encoder worker's models on queues of their own, consumed the Celery way."""
-    models = {
-        "minilm": {"task": "embed", "source": minilm_path},
-        "reranker": {"task": "rerank", "source": test_models["reranker"]},
-        "ner": {"task": "ner", "source": test_models["ner"]},
-        "sentiment": {"task": "classify", "source": test_models["sentiment"]},
-    }
-    for alias, spec in models.items():
-        spec["queue"] = queue_name(f"cel-{alias}")
+    models = encoder_models(minilm_path, test_models, "cel")
     return start_worker("celery-intake", models, concurrency=32, intake="celery")
 
 
