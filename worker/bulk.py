@@ -194,6 +194,7 @@ class BulkIntake:
         self._failure_expires = getattr(backend, "failure_expires", None) or backend.expires
         self._next_queue = 0
         self._paused: set[str] = set()
+        self._tracers: dict[str, Any] = {}
         self._kombu: Any = None
         self._last_restore = -RESTORE_INTERVAL_S
 
@@ -448,7 +449,7 @@ class BulkIntake:
     def _refuse(self, job: Job, reason: str) -> None:
         """Acked and dropped, as Celery drops a message it may not decode."""
         self.stats.refused += 1
-        wlog.error(reason, queue=job.key.split(PRIORITY_SEP)[0], task_id=job.task_id, task=job.name)
+        wlog.error("intake.refused", reason=reason, queue=self._queue_of(job.key), task_id=job.task_id, task=job.name)
         job.state, job.outcome = "REFUSED", "refused"
 
     def _expired(self, job: Job, now: float) -> bool:
@@ -514,7 +515,10 @@ class BulkIntake:
                 wlog.error("intake.unregistered_task", task=job.name, task_id=job.task_id)
                 job.state, job.error, job.outcome = states.FAILURE, NotRegistered(job.name), "unregistered"
             else:
-                tracer = build_tracer(job.name, task, app=self.app, hostname=self.hostname, eager=False)
+                tracer = self._tracers.get(job.name)  # type: ignore[arg-type]
+                if tracer is None:
+                    tracer = build_tracer(job.name, task, app=self.app, hostname=self.hostname, eager=False)
+                    self._tracers[job.name] = tracer  # type: ignore[index]
                 request = {
                     **job.headers,
                     **job.embed,
