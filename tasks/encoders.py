@@ -19,22 +19,27 @@ if TYPE_CHECKING:  # torch and transformers load with the models, not with the t
 
 @shared_task(name="embed", base=InferenceTask, bind=True)
 def embed(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return serve(self, "embed", EmbedRequest, args, kwargs, lambda req: execute(plan_embed(req)))
+    return _serve(self, "embed", args, kwargs)
 
 
 @shared_task(name="rerank", base=InferenceTask, bind=True)
 def rerank(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return serve(self, "rerank", RerankRequest, args, kwargs, lambda req: execute(plan_rerank(req)))
+    return _serve(self, "rerank", args, kwargs)
 
 
 @shared_task(name="ner", base=InferenceTask, bind=True)
 def ner(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return serve(self, "ner", NerRequest, args, kwargs, lambda req: execute(plan_ner(req)))
+    return _serve(self, "ner", args, kwargs)
 
 
 @shared_task(name="classify", base=InferenceTask, bind=True)
 def classify(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return serve(self, "classify", ClassifyRequest, args, kwargs, lambda req: execute(plan_classify(req)))
+    return _serve(self, "classify", args, kwargs)
+
+
+def _serve(task: InferenceTask, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    schema, planner = PLANNERS[kind]
+    return serve(task, kind, schema, args, kwargs, lambda req: execute(planner(req)))
 
 
 @dataclass
@@ -111,4 +116,5 @@ PLANNERS: dict[str, tuple[type[Request], Callable[[Any], Plan]]] = {
     NER: (NerRequest, plan_ner),
     CLASSIFY: (ClassifyRequest, plan_classify),
 }
-"""Each encoder task's request schema and planner, for the bulk consumer (worker/bulk.py)."""
+"""Each encoder task's request schema and planner: for its Celery task, and for the bulk
+intake (worker/bulk.py)."""

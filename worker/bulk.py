@@ -50,6 +50,7 @@ from kombu.utils.json import loads as kombu_loads
 
 from models.errors import InferenceError, InvalidRequest, WorkerError
 from tasks.base import validate
+from tasks.encoders import PLANNERS
 from tasks.schemas import Limits
 
 log = structlog.get_logger("tasks")
@@ -466,13 +467,9 @@ class BulkIntake:
         job.state, job.error, job.outcome = states.REVOKED, TaskRevokedError(reason), reason
 
     def _needs_tracer(self, job: Job) -> bool:
-        from tasks.encoders import PLANNERS
-
         return job.name not in PLANNERS or any(job.embed.get(k) for k in CANVAS_KEYS)
 
     def _prepare(self, job: Job) -> None:
-        from tasks.encoders import PLANNERS
-
         schema, planner = PLANNERS[job.name]  # type: ignore[index]
         try:
             request = validate(job.name, schema, job.args, job.kwargs, self.limits)  # type: ignore[arg-type]
