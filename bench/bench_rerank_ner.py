@@ -99,6 +99,52 @@ def make_ner_texts(n: int, seed: int = 13) -> list[str]:
     return out
 
 
+def encoder_flops(config: Any, lengths: list[int]) -> tuple[float, float]:
+    """Floating-point operations of a BERT-style encoder over sequences of these lengths,
+    unpadded: per layer and token the Q, K, V and output projections and the two
+    feed-forward matrices, plus the attention products QK^T and AV (the head is negligible).
+
+    Returns (all of it, the least a score needs): a score reads only the [CLS] row of the
+    last layer, so there the other rows need only their K and V projections."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    per_token = 2 * (4 * hidden * hidden + 2 * hidden * inter)
+    full = config.num_hidden_layers * sum(n * per_token + 4 * n * n * hidden for n in lengths)
+    unread = sum((n - 1) * (2 * (2 * hidden * hidden + 2 * hidden * inter) + 4 * n * hidden) for n in lengths)
+    return full, full - unread
+
+
+def gemm_paths(config: Any, rows: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """This host's fp32 GEMM at its best, as paths for ``timed_in_turns`` and their FLOPs:
+    the model's feed-forward pair of matrices with ``rows`` rows (every token of the request
+    in one product, the most favourable shape the model has) and a 1024x1024 square, each
+    with torch (MKL) and with numpy (its bundled OpenBLAS), 2 threads."""
+    import numpy as np
+    import torch
+
+    hidden, inter = config.hidden_size, config.intermediate_size
+    rng = np.random.default_rng(0)
+    x, w1, w2 = (rng.standard_normal(s, dtype=np.float32) for s in ((rows, hidden), (hidden, inter), (inter, hidden)))
+    a, b = (rng.standard_normal((1024, 1024), dtype=np.float32) for _ in range(2))
+    tx, tw1, tw2, ta, tb = map(torch.from_numpy, (x, w1, w2, a, b))
+
+    def repeat(fn: Any) -> Any:
+        def run() -> None:
+            with torch.inference_mode():
+                for _ in range(4):
+                    fn()
+
+        return run
+
+    paths = {
+        "torch ffn": repeat(lambda: torch.mm(torch.mm(tx, tw1), tw2)),
+        "torch square": repeat(lambda: torch.mm(ta, tb)),
+        "numpy ffn": repeat(lambda: (x @ w1) @ w2),
+        "numpy square": repeat(lambda: a @ b),
+    }
+    ffn, square = 4 * 2 * 2.0 * rows * hidden * inter, 4 * 2.0 * 1024**3
+    return paths, {name: ffn if name.endswith("ffn") else square for name in paths}
+
+
 def measure(paths: dict[str, str], docs: list[str], texts: list[str], args: Any, workdir: Path) -> dict[str, Any]:
     """Every path of a task in turns (rounds of worker, raw loop, library batched call)."""
     import torch
@@ -144,6 +190,13 @@ def measure(paths: dict[str, str], docs: list[str], texts: list[str], args: Any,
                 args.reps,
                 args.warmup,
             )
+            lengths = [len(tok(QUERY, d, truncation=True)["input_ids"]) for d in docs]
+            gemm, gemm_flops = gemm_paths(hf.config, sum(lengths))
+            h.log(f"this host's fp32 GEMM peak, {args.reps} rounds")
+            out["gemm"] = h.timed_in_turns(gemm, args.reps, args.warmup)
+            out["gemm_flops"] = gemm_flops
+            out["rerank_flops"], out["rerank_flops_needed"] = encoder_flops(hf.config, lengths)
+            out["rerank_tokens"] = sum(lengths)
             result = client.rerank("reranker", QUERY, docs, queue=rq, timeout=args.task_timeout)
             scores = [0.0] * len(docs)
             for item in result["results"]:
@@ -244,12 +297,42 @@ def main() -> None:
         args.texts,
     )
 
+    flops = res["rerank_flops"]
+    peak = max(res["gemm_flops"][k] / h.median(res["gemm"][k]) for k in res["gemm"])
+    gemm_rates = ", ".join(
+        f"{name} {h.num(res['gemm_flops'][name] / h.median(times) / 1e9)}" for name, times in res["gemm"].items()
+    )
+    needed = res["rerank_flops_needed"]
+    floor = needed / peak
+    loop_m = h.median(rr["loop"])
+
+    def rate(seconds: float) -> str:
+        return h.num(flops / seconds / 1e9)
+
+    bound = f"""### Rerank: the compute bound
+
+The {args.documents} pairs are {res["rerank_tokens"]:,} tokens: {flops / 1e9:.1f} GFLOP for the whole model, unpadded, counted
+from its config. A score reads only the last layer's [CLS] row, so the least any implementation
+must compute is {needed / 1e9:.1f} GFLOP. This host's fp32 GEMM at its best, medians of {args.reps} in the same
+run, in GFLOP/s: {gemm_rates} (ffn: the model's feed-forward matrices with all
+{res["rerank_tokens"]:,} tokens as rows; square: 1024x1024). With every operation at the best of these rates, the pairs would take
+{h.ms(floor)} ms. So no fp32 implementation of this model using these libraries can beat the
+one-pair loop's median ({h.ms(loop_m)} ms) by more than **{loop_m / floor:.2f}x**.
+
+| path | GFLOP/s (the whole model's count) | time / that least time |
+| :-- | --: | --: |
+| HF model, one pair at a time | {rate(loop_m)} | {loop_m / floor:.2f}x |
+| CrossEncoder.predict(pairs) | {rate(h.median(rr["ce"]))} | {h.median(rr["ce"]) / floor:.2f}x |
+| worker: one `rerank` request (send to result) | {rate(h.median(rr["worker"]))} | {h.median(rr["worker"]) / floor:.2f}x |
+"""
+
     score_diff = max(abs(a - b) for a, b in zip(res["rerank_scores"], res["ce_scores"], strict=True))
     bad, worst = ner_mismatches(res["ner_entities"], res["ner_ref"])
     body = f"""### Rerank: {args.documents} documents, one query (median of {args.reps})
 
 {rerank_table}
 
+{bound}
 ### NER: {args.texts} texts (median of {args.reps})
 
 {ner_table}
