@@ -50,6 +50,21 @@ class BatchRequest:
     remaining: int
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    on_done: Callable[[BatchRequest], None] | None = None
+    index: int = 0  # its place in the submit_many call that made it
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Complete the request (once): outputs are in, or ``error`` says why not."""
+        if self.done.is_set():
+            return
+        if error is not None:
+            self.error = error
+        self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:  # a consumer's callback must not take the batching thread down
+                log.exception("batcher.on_done_failed")
 
 
 @dataclass
@@ -134,15 +149,23 @@ class DynamicBatcher:
             return []
         return self.wait(self.submit_many([items])[0], timeout)
 
-    def submit_many(self, groups: Sequence[Sequence[Features]]) -> list[BatchRequest]:
+    def submit_many(
+        self, groups: Sequence[Sequence[Features]], on_done: Callable[[BatchRequest], None] | None = None
+    ) -> list[BatchRequest]:
         """Queue several requests at once (the bulk consumer's way in): the batching thread
         sees them together, so they share forward passes without waiting for one another.
-        Collect each one's outputs with :meth:`wait`."""
-        requests = [BatchRequest(items=items, outputs=[None] * len(items), remaining=len(items)) for items in groups]
+        Collect each one's outputs with :meth:`wait`. ``on_done``, if given, is called once
+        per request as it completes (from the batching thread, or from this call for an
+        empty request or with batching off), so a consumer can answer requests in the order
+        they finish rather than the order they came."""
+        requests = [
+            BatchRequest(items=items, outputs=[None] * len(items), remaining=len(items), on_done=on_done, index=k)
+            for k, items in enumerate(groups)
+        ]
         self.stats.requests += len(requests)
         for request in requests:
             if not request.items:
-                request.done.set()
+                request.finish()
         live = [r for r in requests if r.items]
         if not live:
             return requests
@@ -242,12 +265,11 @@ class DynamicBatcher:
             request.outputs[index] = output
             request.remaining -= 1
             if request.remaining == 0:
-                request.done.set()
+                request.finish()
 
     @staticmethod
     def _fail(request: BatchRequest, error: BaseException) -> None:
-        request.error = error
-        request.done.set()
+        request.finish(error)
 
 
 def _empty_cache() -> None:

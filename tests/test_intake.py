@@ -80,6 +80,50 @@ def test_a_task_with_an_eta_waits_for_it(embed_worker: Any, producer: Celery, or
     assert float(np.dot(got["embeddings"][0], expected)) >= 0.9999
 
 
+@pytest.fixture(scope="module")
+def mixed_worker(start_worker: Any, minilm_path: str, test_models: dict[str, str]) -> WorkerProcess:
+    """An embedder and a reranker on one worker (one queue each), embed limited to 3 s. The
+    reranker runs 4 pairs per forward pass, so a long rerank is many short passes, and the
+    models' shared compute thread takes the embedder's pass between two of them."""
+    models = {
+        "minilm": {"task": "embed", "source": minilm_path, "queue": queue_name("mixed-minilm")},
+        "reranker": {
+            "task": "rerank",
+            "source": test_models["reranker"],
+            "queue": queue_name("mixed-reranker"),
+            "batching": {"max_batch_size": 4},
+        },
+    }
+    return start_worker("mixed", models, time_limits={"embed": 3})
+
+
+def test_a_small_request_is_not_held_behind_a_long_one(mixed_worker: Any, producer: Celery, redis_client: Any) -> None:
+    """Results go out as they finish: an embedding taken after a long rerank comes back
+    while the rerank still runs, not after it."""
+    passage = "A long passage about umbrellas, wind, spokes, canopies and what breaks first. " * 20
+    documents = [f"{i}. {passage}" for i in range(64)]  # 16 passes of 4 pairs of ~330 tokens
+    long = producer.send_task(
+        "rerank",
+        kwargs={"model": "reranker", "query": "How do I fix an umbrella?", "documents": documents},
+        queue=queue_name("mixed-reranker"),
+    )
+    deadline = time.monotonic() + RESULT_TIMEOUT
+    while redis_client.llen(queue_name("mixed-reranker")) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the intake has taken the rerank
+    small = producer.send_task("embed", kwargs={"model": "minilm", "input": "quick"}, queue=queue_name("mixed-minilm"))
+    assert small.get(timeout=RESULT_TIMEOUT)["dimensions"] == 384
+    assert not long.ready(), "the embedding came back only after the rerank (or the rerank is too short to tell)"
+    assert len(long.get(timeout=RESULT_TIMEOUT)["results"]) == len(documents)
+
+
+def test_a_held_message_starts_its_time_limit_when_due(mixed_worker: Any, producer: Celery) -> None:
+    """The 3 s embed limit runs from when the message comes due, not from when it was taken."""
+    result = producer.send_task(
+        "embed", kwargs={"model": "minilm", "input": "later"}, queue=queue_name("mixed-minilm"), countdown=4
+    )
+    assert result.get(timeout=RESULT_TIMEOUT)["dimensions"] == 384
+
+
 def test_a_message_sent_with_a_priority_is_served(embed_worker: Any, producer: Celery) -> None:
     # kombu puts it on the queue's priority list ("<queue>\x06\x169"), which the intake reads too
     result = producer.send_task(

@@ -215,6 +215,39 @@ def test_a_failing_forward_fails_the_request_with_inference_error() -> None:
     batcher.close()
 
 
+def test_submit_many_reports_each_request_once_as_it_completes() -> None:
+    """``on_done`` fires once per request, with its place in the call: for an empty
+    request at once, for the others when their rows are in, or when their pass fails."""
+    forward = FakeForward(fail_above=None)
+    batcher = DynamicBatcher("t", forward, BatchLimits(max_batch_size=2, max_batch_tokens=1000))
+    done: list[tuple[int, bool]] = []
+    lock = threading.Lock()
+    all_in = threading.Event()
+
+    def on_done(request: Any) -> None:
+        with lock:
+            done.append((request.index, request.error is None))
+            if len(done) == 3:
+                all_in.set()
+
+    requests = batcher.submit_many([_items([5, 6, 7], tag=1), [], _items([2], tag=2)], on_done=on_done)
+    assert all_in.wait(5)
+    assert sorted(done) == [(0, True), (1, True), (2, True)]
+    assert [batcher.wait(r, 1) for r in requests] == [[(1, 5), (1, 6), (1, 7)], [], [(2, 2)]]
+    batcher.close()
+
+    def broken(items: Any) -> list[Any]:
+        raise ValueError("bad weights")
+
+    failing = DynamicBatcher("f", broken, BatchLimits(max_batch_size=1))
+    failed: list[int] = []
+    request = failing.submit_many([_items([3, 3, 3])], on_done=lambda r: failed.append(r.index))[0]
+    assert request.done.wait(5) and isinstance(request.error, InferenceError)
+    time.sleep(0.1)  # the request's other batches are skipped, not reported again
+    assert failed == [0]
+    failing.close()
+
+
 def test_unbatched_mode_runs_in_the_callers_thread() -> None:
     forward = FakeForward()
     batcher = DynamicBatcher("t", forward, BatchLimits(enabled=False, max_batch_size=2))

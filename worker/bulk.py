@@ -14,10 +14,12 @@ worker consumes instead like this:
 * The intake thread decodes each message (JSON only: anything else is refused, never
   decoded), validates it with the tasks' schemas and tokenizes it. It then submits all of
   them to their models' batchers at once, so they share forward passes.
-* The completer thread collects each request's rows as they come back and builds its
-  result. It stores the results in Celery's result format (SET and PUBLISH, in one
-  pipeline for all the results that are ready) and acks their messages in that same
-  pipeline. Producers see no difference: ``AsyncResult.get()`` and the contract's
+* The completer thread builds each request's result as its batcher reports it complete,
+  in the order requests finish, not the order they came: a small request is never held
+  behind a long one taken before it. It stores the results in Celery's result format
+  (SET and PUBLISH, in one pipeline for all the results that are ready) and acks their
+  messages in that same pipeline. A request still running at its time limit is answered
+  with ``InferenceError``. Producers see no difference: ``AsyncResult.get()`` and the contract's
   errors work as before.
 
 Revoked and expired tasks are marked REVOKED without running, as Celery does. A message
@@ -130,6 +132,7 @@ class Job:
     runtime: Any = None
     deadline: float = 0.0
     # the outcome, once known
+    answered: bool = False  # taken by the completer to be stored and acked (exactly once)
     state: str | None = None
     result: Any = None
     error: BaseException | None = None
@@ -182,7 +185,9 @@ class BulkIntake:
         self._keys = {q: priority_keys(q) for q in self.queues}
         # kombu's BRPOP order: every queue's priority-0 list first, then priority 3, ...
         self._all_keys = [self._keys[q][i] for i in range(len(PRIORITY_STEPS)) for q in self.queues]
-        self._done: queue_mod.Queue[list[Job] | None] = queue_mod.Queue()
+        # to the completer: a list of jobs from the intake (or the tracer), a (job, request)
+        # pair from a batcher as a request completes, or None once the intake has stopped
+        self._done: queue_mod.Queue[list[Job] | tuple[Job, Any] | None] = queue_mod.Queue()
         self._held: list[tuple[float, int, Job]] = []  # ETA heap
         self._held_seq = 0
         self._inflight = 0
@@ -476,7 +481,9 @@ class BulkIntake:
             job.plan = planner(request)
             job.prepared = job.plan.prepare()
             job.runtime = job.plan.runtime
-            job.deadline = job.received + self.time_limits.get(job.name, 60.0)  # type: ignore[arg-type]
+            # the time limit runs from here, as a Celery task's from its start (not from the pop:
+            # a message held for its ETA starts its clock when it comes due)
+            job.deadline = time.monotonic() + self.time_limits.get(job.name, 60.0)  # type: ignore[arg-type]
         except InvalidRequest as exc:
             job.state, job.error, job.outcome = states.FAILURE, exc, "invalid"
         except WorkerError as exc:
@@ -491,7 +498,10 @@ class BulkIntake:
         for group in by_runtime.values():
             batcher = group[0].runtime.batcher
             try:
-                pending = batcher.submit_many([job.prepared.items for job in group])
+                pending = batcher.submit_many(
+                    [job.prepared.items for job in group],
+                    on_done=lambda request, jobs=group: self._done.put((jobs[request.index], request)),
+                )
             except WorkerError as exc:
                 for job in group:
                     job.state, job.error = states.FAILURE, exc
@@ -535,36 +545,63 @@ class BulkIntake:
     # -- the completer thread -----------------------------------------------------------
 
     def _complete_loop(self) -> None:
+        """Answer jobs in the order they finish, not the order they came: a small request
+        is never held behind a long one taken before it (on another model, or later in the
+        same pop). Whatever is ready when the thread wakes goes out in one pipeline."""
+        waiting: list[tuple[float, int, Job]] = []  # jobs in a forward pass, by deadline
+        outstanding: set[int] = set()  # ids of those not yet answered
+        seq = 0
+        stopped = False
         while True:
-            group = self._done.get()
-            if group is None:
-                if self._stopping.is_set() and self._done.empty():
-                    return
-                continue
+            while waiting and waiting[0][2].answered:
+                heapq.heappop(waiting)
+            if stopped and not outstanding:
+                return
+            timeout = max(0.0, waiting[0][0] - time.monotonic()) if waiting else None
+            items: list[Any] = []
             try:
-                self._complete(group)
+                items.append(self._done.get(timeout=timeout))
+                while True:
+                    items.append(self._done.get_nowait())
+            except queue_mod.Empty:
+                pass
+            ready: list[Job] = []
+            try:
+                for item in items:
+                    if item is None:
+                        stopped = True
+                    elif isinstance(item, tuple):  # a batcher completed this job's request
+                        job, request = item
+                        if not job.answered:
+                            job.pending = request
+                            self._finish(job)
+                            ready.append(job)
+                    else:
+                        for job in item:
+                            if job.answered:
+                                continue  # its request completed before the intake handed it over
+                            if job.state is None:
+                                seq += 1
+                                heapq.heappush(waiting, (job.deadline, seq, job))
+                                outstanding.add(id(job))
+                            else:
+                                ready.append(job)
+                now = time.monotonic()
+                while waiting and waiting[0][0] <= now:
+                    job = heapq.heappop(waiting)[2]
+                    if not job.answered:
+                        self._time_out(job)
+                        ready.append(job)
+                for job in ready:
+                    job.answered = True
+                    outstanding.discard(id(job))
+                self._flush(ready)
             except Exception:
                 wlog.exception("intake.completer_crashed")
 
-    def _complete(self, group: list[Job]) -> None:
-        """Answer a group: results that are ready go out together, before any wait."""
-        outgoing: list[Job] = []
-        for job in group:
-            if job.state is None and not job.pending.done.is_set():
-                self._flush(outgoing)
-                outgoing = []
-            self._finish(job)
-            outgoing.append(job)
-        self._flush(outgoing)
-
     def _finish(self, job: Job) -> None:
-        if job.state is not None:
-            return
+        """Build the result of a job whose batcher request has completed."""
         try:
-            timeout = max(0.0, job.deadline - time.monotonic())
-            if not job.pending.done.wait(timeout):
-                limit = self.time_limits.get(job.name, 60.0)  # type: ignore[arg-type]
-                raise InferenceError(f"model {job.model}: no result within the {job.name} time limit of {limit:.0f}s")
             rows = job.runtime.batcher.wait(job.pending, 0)
             output = job.prepared.finish(rows)
             job.result = job.plan.build(output, job.prepared.tokens)
@@ -573,6 +610,11 @@ class BulkIntake:
             job.state, job.error, job.tb = states.FAILURE, exc, traceback.format_exc()
         except Exception as exc:
             self._unexpected(job, exc)
+
+    def _time_out(self, job: Job) -> None:
+        limit = self.time_limits.get(job.name, 60.0)  # type: ignore[arg-type]
+        error = InferenceError(f"model {job.model}: no result within the {job.name} time limit of {limit:.0f}s")
+        job.state, job.error = states.FAILURE, error
 
     def _unexpected(self, job: Job, exc: Exception) -> None:
         log.exception("task.failed", task_id=job.task_id, task=job.name, model=job.model, queue=job.queue)
