@@ -452,3 +452,44 @@ def test_bulk_pop_records_messages_as_kombu_does_so_kombu_can_restore_them(redis
         check.delete(*priority_keys(name))
         check.close()
         app.close()
+
+
+def test_bulk_completer_answers_each_job_once_in_the_order_they_finish(redis_url: str) -> None:
+    """The completer takes jobs from their group and from their batcher's report, in either
+    order, and answers each exactly once; a job with no result at its deadline is answered
+    with a time-limit error; it returns once stopped with nothing outstanding."""
+    from celery import Celery
+
+    from tasks.schemas import Limits
+    from worker.bulk import BulkIntake, Job
+
+    app = Celery("t", broker=redis_url, backend=redis_url, set_as_current=False)
+    intake = BulkIntake(
+        app, ["q"], redis_url=redis_url, prefetch=8, time_limits={"embed": 60}, limits=Limits(), hostname="h"
+    )
+    flushed: list[list[tuple[str, str | None]]] = []
+    intake._flush = lambda jobs: flushed.append([(j.task_id, j.state) for j in jobs])  # type: ignore[method-assign]
+
+    def finish(job: Job) -> None:
+        job.state = "SUCCESS"
+
+    intake._finish = finish  # type: ignore[method-assign]
+    far = time.monotonic() + 60
+    early, late, slow, stuck = (Job(raw=b"", key="q", task_id=t, name="embed", deadline=far) for t in "ELSX")
+    stuck.deadline = time.monotonic() + 0.2
+    intake._done.put((early, object()))  # done before its group came
+    intake._done.put([early, late, slow, stuck])
+    intake._done.put((late, object()))
+    intake._done.put((late, object()))  # a second report changes nothing
+    thread = threading.Thread(target=intake._complete_loop)
+    thread.start()
+    time.sleep(0.05)
+    intake._done.put((slow, object()))
+    intake._done.put(None)
+    thread.join(5)
+    assert not thread.is_alive()
+    answered = [entry for batch in flushed for entry in batch]
+    assert sorted(answered) == [("E", "SUCCESS"), ("L", "SUCCESS"), ("S", "SUCCESS"), ("X", "FAILURE")]
+    assert answered[-1] == ("X", "FAILURE") and "time limit" in str(stuck.error)
+    intake._tracer_pool.shutdown()
+    intake._redis.close()

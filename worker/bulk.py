@@ -19,8 +19,8 @@ worker consumes instead like this:
   behind a long one taken before it. It stores the results in Celery's result format
   (SET and PUBLISH, in one pipeline for all the results that are ready) and acks their
   messages in that same pipeline. A request still running at its time limit is answered
-  with ``InferenceError``. Producers see no difference: ``AsyncResult.get()`` and the contract's
-  errors work as before.
+  with ``InferenceError``. Producers see no difference: ``AsyncResult.get()`` and the
+  contract's errors work as before.
 
 Revoked and expired tasks are marked REVOKED without running, as Celery does. A message
 with a future ETA is held until it is due. A message that uses Celery's canvas (link,
@@ -565,7 +565,7 @@ class BulkIntake:
                     items.append(self._done.get_nowait())
             except queue_mod.Empty:
                 pass
-            ready: list[Job] = []
+            ready: list[Job] = []  # filled through _answer: once per job, though one can come twice
             try:
                 for item in items:
                     if item is None:
@@ -575,7 +575,7 @@ class BulkIntake:
                         if not job.answered:
                             job.pending = request
                             self._finish(job)
-                            ready.append(job)
+                            self._answer(job, ready, outstanding)
                     else:
                         for job in item:
                             if job.answered:
@@ -585,19 +585,24 @@ class BulkIntake:
                                 heapq.heappush(waiting, (job.deadline, seq, job))
                                 outstanding.add(id(job))
                             else:
-                                ready.append(job)
+                                self._answer(job, ready, outstanding)
                 now = time.monotonic()
                 while waiting and waiting[0][0] <= now:
                     job = heapq.heappop(waiting)[2]
                     if not job.answered:
                         self._time_out(job)
-                        ready.append(job)
-                for job in ready:
-                    job.answered = True
-                    outstanding.discard(id(job))
+                        self._answer(job, ready, outstanding)
                 self._flush(ready)
             except Exception:
                 wlog.exception("intake.completer_crashed")
+
+    @staticmethod
+    def _answer(job: Job, ready: list[Job], outstanding: set[int]) -> None:
+        """Mark ``job`` answered and add it to ``ready`` (a job can arrive both in its
+        group and from its batcher, in either order)."""
+        job.answered = True
+        outstanding.discard(id(job))
+        ready.append(job)
 
     def _finish(self, job: Job) -> None:
         """Build the result of a job whose batcher request has completed."""
