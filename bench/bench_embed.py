@@ -99,10 +99,10 @@ UNBATCHED = "worker, batching off, Celery intake"
 ENCODE_KW = {"normalize_embeddings": True, "show_progress_bar": False, "convert_to_numpy": True}
 
 
-def load_raw(path: str, sentences: list[str]) -> Any:
+def load_raw(path: str, sentences: list[str], args: Any) -> Any:
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(path, device="cpu")
+    model = SentenceTransformer(path, device=args.device, model_kwargs={"dtype": h.torch_dtype(args)})
     model.encode(sentences[:64], batch_size=32, **ENCODE_KW)  # warm up
     return model
 
@@ -150,10 +150,10 @@ def measure_worker(
 ) -> dict[str, Any]:
     alias = "minilm"
     queue = h.unique(f"embed-{label}")
-    spec: dict[str, Any] = {"task": "embed", "source": path, "queue": queue}
+    spec: dict[str, Any] = {"task": "embed", "source": path, "queue": queue, "dtype": args.dtype}
     if batching is not None:
         spec["batching"] = batching
-    settings: dict[str, Any] = {"concurrency": args.concurrency, "intake": intake}
+    settings: dict[str, Any] = {"concurrency": args.concurrency, "intake": intake, "device": args.device}
     if args.threads:
         settings["threads_per_worker"] = args.threads
     client = h.client(args.redis_url, timeouts={"embed": args.task_timeout})
@@ -283,7 +283,7 @@ def main() -> None:
     raw_sentences = sentences[: args.raw_sentences or args.tasks]
     single = sentences[: args.sequential]
 
-    model = load_raw(path, sentences)
+    model = load_raw(path, sentences, args)
     reference = model.encode([sentences[0]], **ENCODE_KW)[0]
     raw_before = measure_raw(model, raw_sentences, "before the workers")
     with h.workdir(args) as wd:
@@ -437,7 +437,9 @@ baseline measured in the same minutes.
 
 Sanity: cosine(worker vector, raw vector) for the same sentence = {min(sims):.6f}.
 """
-    h.report("bench_embed", "Embed: worker vs SentenceTransformer.encode", body, args)
+    h.report(
+        h.section("bench_embed", args), f"Embed: worker vs SentenceTransformer.encode{h.on_device(args)}", body, args
+    )
 
 
 if __name__ == "__main__":

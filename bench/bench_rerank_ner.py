@@ -113,11 +113,12 @@ def encoder_flops(config: Any, lengths: list[int]) -> tuple[float, float]:
     return full, full - unread
 
 
-def gemm_paths(config: Any, rows: int) -> tuple[dict[str, Any], dict[str, float]]:
-    """This host's fp32 GEMM at its best, as paths for ``timed_in_turns`` and their FLOPs:
-    the model's feed-forward pair of matrices with ``rows`` rows (every token of the request
-    in one product, the most favourable shape the model has) and a 1024x1024 square, each
-    with torch (MKL) and with numpy (its bundled OpenBLAS), 2 threads."""
+def gemm_paths(config: Any, rows: int, args: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """The device's GEMM at its best, as paths for ``timed_in_turns`` and their FLOPs: the
+    model's feed-forward pair of matrices with ``rows`` rows (every token of the request in
+    one product, the most favourable shape the model has) and a 1024x1024 square. On the CPU
+    in fp32 with torch (MKL) and with numpy (its bundled OpenBLAS); on a GPU with torch in
+    the benchmark's dtype."""
     import numpy as np
     import torch
 
@@ -125,22 +126,26 @@ def gemm_paths(config: Any, rows: int) -> tuple[dict[str, Any], dict[str, float]
     rng = np.random.default_rng(0)
     x, w1, w2 = (rng.standard_normal(s, dtype=np.float32) for s in ((rows, hidden), (hidden, inter), (inter, hidden)))
     a, b = (rng.standard_normal((1024, 1024), dtype=np.float32) for _ in range(2))
-    tx, tw1, tw2, ta, tb = map(torch.from_numpy, (x, w1, w2, a, b))
+    on_gpu = args.device != "cpu"
+    dtype = h.torch_dtype(args) if on_gpu else torch.float32
+    tx, tw1, tw2, ta, tb = (torch.from_numpy(m).to(args.device, dtype) for m in (x, w1, w2, a, b))
 
     def repeat(fn: Any) -> Any:
         def run() -> None:
             with torch.inference_mode():
                 for _ in range(4):
                     fn()
+            h.synchronize(args)
 
         return run
 
     paths = {
         "torch ffn": repeat(lambda: torch.mm(torch.mm(tx, tw1), tw2)),
         "torch square": repeat(lambda: torch.mm(ta, tb)),
-        "numpy ffn": repeat(lambda: (x @ w1) @ w2),
-        "numpy square": repeat(lambda: a @ b),
     }
+    if not on_gpu:
+        paths["numpy ffn"] = repeat(lambda: (x @ w1) @ w2)
+        paths["numpy square"] = repeat(lambda: a @ b)
     ffn, square = 4 * 2 * 2.0 * rows * hidden * inter, 4 * 2.0 * 1024**3
     return paths, {name: ffn if name.endswith("ffn") else square for name in paths}
 
@@ -151,10 +156,13 @@ def measure(paths: dict[str, str], docs: list[str], texts: list[str], args: Any,
     from sentence_transformers import CrossEncoder
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
+    dtype, device = h.torch_dtype(args), args.device
     tok = AutoTokenizer.from_pretrained(paths["reranker"])
-    hf = AutoModelForSequenceClassification.from_pretrained(paths["reranker"]).eval()
-    ce = CrossEncoder(paths["reranker"], device="cpu")
-    pipe = pipeline("token-classification", model=paths["ner"], aggregation_strategy="simple", device="cpu")
+    hf = AutoModelForSequenceClassification.from_pretrained(paths["reranker"], dtype=dtype).to(device).eval()
+    ce = CrossEncoder(paths["reranker"], device=device, model_kwargs={"dtype": dtype})
+    pipe = pipeline(
+        "token-classification", model=paths["ner"], aggregation_strategy="simple", device=device, dtype=dtype
+    )
     pairs = [(QUERY, d) for d in docs]
 
     def loop_pairs() -> list[float]:
@@ -162,15 +170,15 @@ def measure(paths: dict[str, str], docs: list[str], texts: list[str], args: Any,
         scores = []
         with torch.inference_mode():
             for doc in docs:
-                enc = tok(QUERY, doc, return_tensors="pt", truncation=True)
+                enc = tok(QUERY, doc, return_tensors="pt", truncation=True).to(device)
                 scores.append(float(torch.sigmoid(hf(**enc).logits[0, 0])))
         return scores
 
     models = {
-        "reranker": {"task": "rerank", "source": paths["reranker"], "queue": h.unique("rerank")},
-        "ner": {"task": "ner", "source": paths["ner"], "queue": h.unique("ner")},
+        "reranker": {"task": "rerank", "source": paths["reranker"], "queue": h.unique("rerank"), "dtype": args.dtype},
+        "ner": {"task": "ner", "source": paths["ner"], "queue": h.unique("ner"), "dtype": args.dtype},
     }
-    settings: dict[str, Any] = {"concurrency": args.concurrency}
+    settings: dict[str, Any] = {"concurrency": args.concurrency, "device": device}
     if args.threads:
         settings["threads_per_worker"] = args.threads
     client = h.client(args.redis_url)
@@ -191,8 +199,8 @@ def measure(paths: dict[str, str], docs: list[str], texts: list[str], args: Any,
                 args.warmup,
             )
             lengths = [len(tok(QUERY, d, truncation=True)["input_ids"]) for d in docs]
-            gemm, gemm_flops = gemm_paths(hf.config, sum(lengths))
-            h.log(f"this host's fp32 GEMM peak, {args.reps} rounds")
+            gemm, gemm_flops = gemm_paths(hf.config, sum(lengths), args)
+            h.log(f"the device's GEMM peak, {args.reps} rounds")
             out["gemm"] = h.timed_in_turns(gemm, args.reps, args.warmup)
             out["gemm_flops"] = gemm_flops
             out["rerank_flops"], out["rerank_flops_needed"] = encoder_flops(hf.config, lengths)
@@ -313,10 +321,10 @@ def main() -> None:
 
 The {args.documents} pairs are {res["rerank_tokens"]:,} tokens: {flops / 1e9:.1f} GFLOP for the whole model, unpadded, counted
 from its config. A score reads only the last layer's [CLS] row, so the least any implementation
-must compute is {needed / 1e9:.1f} GFLOP. This host's fp32 GEMM at its best, medians of {args.reps} in the same
+must compute is {needed / 1e9:.1f} GFLOP. This device's {args.dtype if args.device != "cpu" else "fp32"} GEMM at its best, medians of {args.reps} in the same
 run, in GFLOP/s: {gemm_rates} (ffn: the model's feed-forward matrices with all
 {res["rerank_tokens"]:,} tokens as rows; square: 1024x1024). With every operation at the best of these rates, the pairs would take
-{h.ms(floor)} ms. So no fp32 implementation of this model using these libraries can beat the
+{h.ms(floor)} ms. So no implementation of this model in this dtype using these libraries can beat the
 one-pair loop's median ({h.ms(loop_m)} ms) by more than **{loop_m / floor:.2f}x**.
 
 | path | GFLOP/s (the whole model's count) | time / that least time |
@@ -346,7 +354,12 @@ machine's speed during the run weighs on all of them alike.
 Sanity: max |worker score - CrossEncoder score| = {score_diff:.2e}; NER texts whose spans or
 labels differ from the pipeline's: {bad} of {args.texts} (max score difference where equal: {worst:.2e}).
 """
-    h.report("bench_rerank_ner", "Rerank and NER: worker vs CrossEncoder / pipeline", body, args)
+    h.report(
+        h.section("bench_rerank_ner", args),
+        f"Rerank and NER: worker vs CrossEncoder / pipeline{h.on_device(args)}",
+        body,
+        args,
+    )
 
 
 if __name__ == "__main__":
