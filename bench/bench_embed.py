@@ -103,7 +103,7 @@ def load_raw(path: str, sentences: list[str], args: Any) -> Any:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(path, device=args.device, model_kwargs={"dtype": h.torch_dtype(args)})
-    model.encode(sentences[:64], batch_size=32, **ENCODE_KW)  # warm up
+    model.encode(sentences, batch_size=32, **ENCODE_KW)  # warm up: on a GPU, a kernel choice for every shape
     return model
 
 
