@@ -38,3 +38,16 @@ def flash_attention_available(device: str) -> bool:
         return False
     major = int(torch.__version__.split(".")[0])
     return major >= 2 and importlib.util.find_spec("flash_attn") is not None
+
+
+def prepare_device(device: str) -> None:
+    """Process-wide settings for serving on ``device``; call once, before loading models.
+
+    On CUDA, cuDNN's attention backend is taken out of SDPA's choices. cuDNN builds an
+    execution plan for every new (batch, length) shape, at a CPU cost of milliseconds to
+    hundreds of milliseconds each, and a server's batches come in hundreds of shapes (the
+    dynamic batcher's rows x the longest input of each batch). SDPA then uses its
+    flash and memory-efficient kernels, which need no per-shape plan.
+    """
+    if device.startswith("cuda"):
+        torch.backends.cuda.enable_cudnn_sdp(False)

@@ -40,11 +40,12 @@ def load_models(settings: WorkerSettings) -> None:
     # (README, "Tuning").
     import torch
 
-    from models.device import resolve_device
+    from models.device import prepare_device, resolve_device
 
     if settings.threads_per_worker:
         torch.set_num_threads(settings.threads_per_worker)
     device = resolve_device(settings.device)
+    prepare_device(device)
     for alias, spec in settings.hosted.items():
         bound = log.bind(model=alias, queue=settings.queue_of(alias), task=spec.task, backend=spec.backend)
         bound.info("model.loading", source=spec.source, device=device)
