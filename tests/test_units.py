@@ -155,7 +155,24 @@ def test_plan_batches_respects_rows_and_tokens() -> None:
     for batch in batches:
         assert len(batch) <= 3
         assert len(batch) * max(lengths[i] for i in batch) <= 200 or len(batch) == 1
-    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+    for batch in batches:  # rows of similar length share a batch: none outside lies strictly within its range
+        low, high = min(lengths[i] for i in batch), max(lengths[i] for i in batch)
+        assert not [j for j in range(len(lengths)) if j not in batch and low < lengths[j] < high]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "padded"),
+    [
+        # the partial batch is best with the shortest rows: cut from the longest end
+        ([40] * 10 + [32] * 54 + [24] * 36, 64 * 40 + 36 * 24),
+        # ... or with the longest: cut from the shortest end
+        ([40] * 30 + [33] * 6 + [24] * 64, 64 * 24 + 36 * 40),
+    ],
+)
+def test_plan_batches_puts_the_partial_batch_where_it_pads_least(lengths: list[int], padded: int) -> None:
+    batches = plan_batches(lengths, BatchLimits(max_batch_size=64, max_batch_tokens=100_000))
+    assert sorted(len(b) for b in batches) == [36, 64]
+    assert sum(len(b) * max(lengths[i] for i in b) for b in batches) == padded
 
 
 def test_results_come_back_in_request_order() -> None:
