@@ -28,6 +28,7 @@ Run by hand (not a test)::
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import time
@@ -150,7 +151,7 @@ def measure_worker(
 ) -> dict[str, Any]:
     alias = "minilm"
     queue = h.unique(f"embed-{label}")
-    spec: dict[str, Any] = {"task": "embed", "source": path, "queue": queue, "dtype": args.dtype}
+    spec: dict[str, Any] = {"task": "embed", "source": path, "queue": queue, "dtype": args.dtype, "packed": args.packed}
     if batching is not None:
         spec["batching"] = batching
     settings: dict[str, Any] = {"concurrency": args.concurrency, "intake": intake, "device": args.device}
@@ -270,6 +271,12 @@ def main() -> None:
     )
     p.add_argument("--task-timeout", type=float, default=120.0, help="seconds to wait for one result")
     p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds one load may take in all")
+    p.add_argument(
+        "--packed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the model's `packed` option (CPU: a BERT model's forward pass without padding)",
+    )
     p.add_argument("--skip-unbatched", action="store_true", help="skip the worker with batching disabled")
     p.add_argument("--skip-celery-intake", action="store_true", help="skip the worker with the Celery intake")
     p.add_argument("--compare-url", default=None, help="also load an OpenAI-compatible /embeddings server here")

@@ -27,6 +27,7 @@ from models.batcher import BatchLimits, DynamicBatcher, Features
 from models.compute import ComputeThread, shared_compute_thread
 from models.device import flash_attention_available, resolve_dtype
 from models.ner import aggregate_simple
+from models.packed import PackedBert, pool_packed
 from models.pooling import PoolingConfig, pool, read_pooling_config
 
 log = structlog.get_logger(__name__)
@@ -63,6 +64,7 @@ class EncoderOptions:
     trust_remote_code: bool = True
     revision: str | None = None
     request_timeout: float = 60.0
+    packed: bool = True  # embed on the CPU: BERT-family models run without padding (models/packed.py)
 
 
 class EncoderRuntime:
@@ -77,6 +79,7 @@ class EncoderRuntime:
         self.batcher: DynamicBatcher | None = None
         self.compute: ComputeThread | None = None
         self.pooling: PoolingConfig | None = None
+        self.packed: PackedBert | None = None
         self.max_length = 512
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -116,6 +119,23 @@ class EncoderRuntime:
             raise ValueError(f"task: a rerank model needs one output logit, {opts.source} has {self.config.num_labels}")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        if opts.task == EMBED and opts.packed and self.device == "cpu":
+            self.packed = self._checked_packed_runner()
+
+    def _checked_packed_runner(self) -> PackedBert | None:
+        """The padding-free runner, if it applies to this model and gives its results."""
+        packed = PackedBert.for_model(self.model)
+        if packed is None:
+            return None
+        items = self._tokenize(
+            ["A", "The quick brown fox jumps over the lazy dog.", "Ünïcödé, emoji 🙂 and   spaces: still one sentence."]
+        )
+        worst = packed.matches(items, self._collate(items))
+        if worst is None:
+            log.warning("encoder.packed_off", model=self.alias, reason="differs from the model's own forward pass")
+            return None
+        log.info("encoder.packed", model=self.alias, max_difference=worst)
+        return packed
 
     def warmup(self) -> None:
         sample = "The quick brown fox jumps over the lazy dog."
@@ -136,7 +156,12 @@ class EncoderRuntime:
         return self.batcher.stats.as_dict() if self.batcher is not None else {}
 
     def describe(self) -> dict[str, Any]:
-        return {"task": self.options.task, "max_length": self.max_length, "dtype": str(self.model.dtype)}
+        return {
+            "task": self.options.task,
+            "max_length": self.max_length,
+            "dtype": str(self.model.dtype),
+            "packed": self.packed is not None,
+        }
 
     def _detect_max_length(self, config: Any) -> int:
         if self.options.max_length:
@@ -293,9 +318,13 @@ class EncoderRuntime:
 
     @torch.inference_mode()
     def _forward(self, items: Sequence[Features]) -> list[np.ndarray]:
+        task = self.options.task
+        if self.packed is not None:
+            assert self.pooling is not None
+            hidden, lengths = self.packed.hidden_states(items)
+            return list(pool_packed(self.pooling, hidden, lengths).float().numpy())
         batch = self._collate(items)
         output = self.model(**batch)
-        task = self.options.task
         if task == EMBED:
             assert self.pooling is not None
             pooled = pool(self.pooling, output[0], batch["attention_mask"])

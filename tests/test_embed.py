@@ -42,8 +42,21 @@ def test_embed_equals_sentence_transformers(case: str, embed_worker: Any, produc
     assert result["dimensions"] == expected.shape[1] == 384
     cosines = (got * expected).sum(axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
     assert cosines.min() >= 0.9999, cosines
+    np.testing.assert_allclose(got, expected, atol=1e-4)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert result["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_embed_with_padding_equals_sentence_transformers(
+    case: str, celery_intake_worker: Any, producer: Celery, oracle: Any
+) -> None:
+    """The padded forward pass (``packed: false``, and every GPU) against the same oracle:
+    the worker above runs MiniLM packed, this one padded."""
+    texts = CASES[case]
+    result = call(producer, "embed", queue_name("cel-minilm"), model="minilm", input=texts)
+    expected = oracle.encode([texts] if isinstance(texts, str) else texts, normalize_embeddings=True)
+    np.testing.assert_allclose(np.asarray(result["embeddings"]), expected, atol=1e-4)
 
 
 def test_long_input_is_truncated_to_the_model_limit(embed_worker: Any, producer: Celery) -> None:
@@ -213,3 +226,17 @@ def test_a_task_whose_worker_is_killed_is_redelivered_and_completes(
             if worker is not None:
                 worker.stop()
         redis_client.delete(queue)
+
+
+def test_minilm_runs_packed_where_asked(embed_worker: Any, celery_intake_worker: Any) -> None:
+    """The tests above really cover both forward passes: packed on the encoder worker (the
+    default on the CPU, checked at load), padded where ``packed: false``."""
+
+    def packed(worker: Any) -> bool:
+        ready = [e for e in worker.events() if e.get("event") == "model.ready" and e.get("model") == "minilm"]
+        assert len(ready) == 1, ready
+        return ready[0]["packed"]
+
+    assert packed(embed_worker) is True
+    assert embed_worker.find_event("encoder.packed")["max_difference"] < 1e-4
+    assert packed(celery_intake_worker) is False

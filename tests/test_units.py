@@ -529,3 +529,49 @@ def test_a_cuda_worker_keeps_cudnn_out_of_attention() -> None:
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None:
+    """models/packed.py against the model's own forward pass and pooling, on rows of very
+    different lengths (so most of the padded grid is padding), in every pooling mode."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from models.packed import PackedBert, pool_packed
+    from models.pooling import PoolingConfig, pool
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model = AutoModel.from_pretrained(minilm_path).eval()
+    texts = ["a", "naïve café — 日本語のテキスト 🚀", "  extra   spaces  ", " ".join(["word"] * 200)]
+    encoded = tokenizer(texts, truncation=True, max_length=256)
+    items = [{k: encoded[k][i] for k in ("input_ids", "token_type_ids")} for i in range(len(texts))]
+    padded = tokenizer.pad({"input_ids": encoded["input_ids"]}, return_tensors="pt")
+
+    packed = PackedBert.for_model(model)
+    assert packed is not None
+    worst = packed.matches(items, dict(padded), atol=1e-5)
+    assert worst is not None and worst > 0  # a real comparison, within float32 rounding
+
+    hidden, lengths = packed.hidden_states(items)
+    assert lengths == [len(ids) for ids in encoded["input_ids"]] and hidden.shape[0] == sum(lengths)
+    with torch.inference_mode():
+        theirs = model(**padded)[0]
+    for config in (
+        PoolingConfig(),
+        PoolingConfig(cls=True, mean=False),
+        PoolingConfig(mean=False, max=True),
+        PoolingConfig(mean=False, mean_sqrt_len=True),
+        PoolingConfig(mean=False, last_token=True),
+        PoolingConfig(cls=True, mean=True, max=True),
+    ):
+        expected = pool(config, theirs, padded["attention_mask"])
+        torch.testing.assert_close(pool_packed(config, hidden, lengths), expected, atol=1e-5, rtol=0)
+
+
+def test_the_packed_forward_pass_is_only_for_bert_models() -> None:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from models.packed import PackedBert
+
+    tiny = DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
+    assert PackedBert.for_model(tiny) is None

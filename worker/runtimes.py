@@ -56,6 +56,7 @@ def build_runtime(alias: str, spec: ModelSpec, settings: WorkerSettings, device:
             trust_remote_code=spec.trust_remote_code,
             revision=spec.revision,
             request_timeout=time_limit,
+            packed=spec.packed,
         ),
         BatchLimits(**batching.model_dump()),
     )

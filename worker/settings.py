@@ -61,6 +61,11 @@ class ModelSpec(BaseModel):
     )
     max_length: int | None = Field(None, ge=1, description="Token limit; default from the model.")
     batching: BatchingSettings | None = Field(None, description="Overrides the worker's batching.")
+    packed: bool = Field(
+        True,
+        description="embed on the CPU: run a BERT-family model without padding (checked against its own forward "
+        "pass at load; other models are unaffected).",
+    )
     # generate / llama.cpp
     n_ctx: int = Field(4096, ge=16, description="GGUF context window in tokens.")
     n_batch: int = Field(512, ge=1, description="GGUF prompt-processing batch size.")
