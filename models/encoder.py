@@ -27,7 +27,7 @@ from models.batcher import BatchLimits, DynamicBatcher, Features
 from models.compute import ComputeThread, shared_compute_thread
 from models.device import flash_attention_available, resolve_dtype
 from models.ner import aggregate_simple
-from models.packed import PackedBert, pool_packed
+from models.packed import PackedBert, unpack
 from models.pooling import PoolingConfig, pool, read_pooling_config
 
 log = structlog.get_logger(__name__)
@@ -319,10 +319,10 @@ class EncoderRuntime:
     @torch.inference_mode()
     def _forward(self, items: Sequence[Features]) -> list[np.ndarray]:
         task = self.options.task
-        if self.packed is not None:
+        if self.packed is not None:  # embed only
             assert self.pooling is not None
-            hidden, lengths = self.packed.hidden_states(items)
-            return list(pool_packed(self.pooling, hidden, lengths).float().numpy())
+            hidden, mask = unpack(*self.packed.hidden_states(items))
+            return list(pool(self.pooling, hidden, mask).float().numpy())
         batch = self._collate(items)
         output = self.model(**batch)
         if task == EMBED:

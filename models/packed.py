@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models.batcher import Features
-from models.pooling import PoolingConfig
 
 
 class PackedBert:
@@ -100,36 +100,19 @@ class PackedBert:
         """The largest difference from the model's own forward pass on ``padded`` (the
         same items, collated), or None where it exceeds ``atol``."""
         theirs = self.model(**padded)[0]
-        ours, lengths = self.hidden_states(items)
-        worst = 0.0
-        for row, chunk in enumerate(torch.split(ours, lengths)):
-            worst = max(worst, float((chunk - theirs[row, : len(chunk)]).abs().max()))
+        ours, mask = unpack(*self.hidden_states(items))
+        worst = float((ours - theirs).abs().masked_fill(mask.unsqueeze(-1) == 0, 0).max())
         return worst if worst <= atol else None
 
 
-def pool_packed(config: PoolingConfig, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """``models.pooling.pool`` for packed hidden states: [tokens, dim] -> [rows, dim * modes]."""
-    rows = torch.split(hidden, lengths)
-    parts: list[torch.Tensor] = []
-    for mode in config.modes:
-        if mode == "cls":
-            parts.append(torch.stack([r[0] for r in rows]))
-        elif mode == "max":
-            parts.append(torch.stack([r.max(dim=0).values for r in rows]))
-        elif mode == "mean":
-            parts.append(torch.stack([r.sum(dim=0) for r in rows]) / _counts(lengths, hidden))
-        elif mode == "mean_sqrt_len":
-            parts.append(torch.stack([r.sum(dim=0) for r in rows]) / torch.sqrt(_counts(lengths, hidden)))
-        elif mode == "last_token":
-            parts.append(torch.stack([r[-1] for r in rows]))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+def unpack(hidden: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed hidden states back into a zero-padded [rows, longest, dim] tensor, and its
+    attention mask, for the pooling of the padded forward pass (``models.pooling.pool``)."""
+    mask = torch.arange(max(lengths)).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    grid = hidden.new_zeros(len(lengths), max(lengths), hidden.shape[1])
+    grid[mask] = hidden
+    return grid, mask.long()
 
 
-def _counts(lengths: list[int], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(lengths, dtype=like.dtype).unsqueeze(1)
-
-
-def _concat(arrays: Sequence[Any]) -> Any:
-    import numpy as np
-
+def _concat(arrays: Sequence[Any]) -> np.ndarray:
     return np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays])

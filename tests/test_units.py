@@ -537,7 +537,7 @@ def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from models.packed import PackedBert, pool_packed
+    from models.packed import PackedBert, unpack
     from models.pooling import PoolingConfig, pool
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
@@ -554,6 +554,8 @@ def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None
 
     hidden, lengths = packed.hidden_states(items)
     assert lengths == [len(ids) for ids in encoded["input_ids"]] and hidden.shape[0] == sum(lengths)
+    ours, mask = unpack(hidden, lengths)
+    assert torch.equal(mask, padded["attention_mask"])
     with torch.inference_mode():
         theirs = model(**padded)[0]
     for config in (
@@ -565,7 +567,7 @@ def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None
         PoolingConfig(cls=True, mean=True, max=True),
     ):
         expected = pool(config, theirs, padded["attention_mask"])
-        torch.testing.assert_close(pool_packed(config, hidden, lengths), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pool(config, ours, mask), expected, atol=1e-5, rtol=0)
 
 
 def test_the_packed_forward_pass_is_only_for_bert_models() -> None:
