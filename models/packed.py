@@ -71,9 +71,8 @@ class PackedBert:
             types = torch.zeros_like(ids)
         positions = torch.cat([torch.arange(n) for n in lengths])
         # where each packed token sits in the padded [rows, width] grid of the attention
-        slots = torch.repeat_interleave(torch.arange(rows), torch.tensor(lengths)) * width + positions
-        real = torch.zeros(rows * width, dtype=torch.bool)
-        real[slots] = True
+        real = _real_tokens(lengths)
+        slots = real.view(-1).nonzero().squeeze(1)
         mask = real.view(rows, 1, 1, width)
 
         emb = self.embeddings
@@ -108,10 +107,15 @@ class PackedBert:
 def unpack(hidden: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed hidden states back into a zero-padded [rows, longest, dim] tensor, and its
     attention mask, for the pooling of the padded forward pass (``models.pooling.pool``)."""
-    mask = torch.arange(max(lengths)).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    mask = _real_tokens(lengths)
     grid = hidden.new_zeros(len(lengths), max(lengths), hidden.shape[1])
     grid[mask] = hidden
     return grid, mask.long()
+
+
+def _real_tokens(lengths: list[int]) -> torch.Tensor:
+    """[rows, longest] booleans: True where a row has a token, False on its padding."""
+    return torch.arange(max(lengths)).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
 
 
 def _concat(arrays: Sequence[Any]) -> np.ndarray:
