@@ -27,7 +27,7 @@ from models.batcher import BatchLimits, DynamicBatcher, Features
 from models.compute import ComputeThread, shared_compute_thread
 from models.device import flash_attention_available, resolve_dtype
 from models.ner import aggregate_simple
-from models.packed import PackedBert, unpack
+from models.packed import PackedBert, available_linears, unpack
 from models.pooling import PoolingConfig, pool, read_pooling_config
 
 log = structlog.get_logger(__name__)
@@ -64,7 +64,8 @@ class EncoderOptions:
     trust_remote_code: bool = True
     revision: str | None = None
     request_timeout: float = 60.0
-    packed: bool = True  # embed on the CPU: BERT-family models run without padding (models/packed.py)
+    packed: bool = True  # on the CPU, BERT-family models run without padding (models/packed.py)
+    packed_gemm: str = "auto"  # its GEMM library: auto (timed at load), torch or onednn
 
 
 class EncoderRuntime:
@@ -119,23 +120,53 @@ class EncoderRuntime:
             raise ValueError(f"task: a rerank model needs one output logit, {opts.source} has {self.config.num_labels}")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
-        if opts.task == EMBED and opts.packed and self.device == "cpu":
+        if opts.packed and self.device == "cpu":
             self.packed = self._checked_packed_runner()
 
     def _checked_packed_runner(self) -> PackedBert | None:
-        """The padding-free runner, if it applies to this model and gives its results."""
-        packed = PackedBert.for_model(self.model)
+        """The padding-free runner, if it applies to this model and gives its results, on
+        the faster of the GEMM libraries that give them."""
+        packed = PackedBert.for_model(self.model, self.options.packed_gemm)
         if packed is None:
             return None
-        items = self._tokenize(
-            ["A", "The quick brown fox jumps over the lazy dog.", "Ünïcödé, emoji 🙂 and   spaces: still one sentence."]
-        )
-        worst = packed.matches(items, self._collate(items))
-        if worst is None:
+        texts = [
+            "A",
+            "The quick brown fox jumps over the lazy dog.",
+            "Ünïcödé, emoji 🙂 and   spaces: still one sentence.",
+        ]
+        items = self._tokenize_pairs("which fox?", texts) if self.options.task == RERANK else self._tokenize(texts)
+        padded = self._collate(items)
+        gemms = [packed.linear] if self.options.packed_gemm != "auto" else available_linears()
+        differences: dict[str, float] = {}
+        for gemm in gemms:
+            packed.use(gemm)
+            worst = packed.matches(items, padded)
+            if worst is not None:
+                differences[gemm] = worst
+        if not differences:
             log.warning("encoder.packed_off", model=self.alias, reason="differs from the model's own forward pass")
             return None
-        log.info("encoder.packed", model=self.alias, max_difference=worst)
+        timings: dict[str, float] = {}
+        if len(differences) > 1:
+            timings = packed.tune(self._tuning_sample())
+        else:
+            packed.use(next(iter(differences)))
+        log.info(
+            "encoder.packed",
+            model=self.alias,
+            gemm=packed.linear,
+            max_difference=differences[packed.linear],
+            **{f"forward_ms_{gemm}": ms for gemm, ms in timings.items()},
+        )
         return packed
+
+    def _tuning_sample(self) -> list[Features]:
+        """32 inputs of 15-30 tokens (pairs for rerank), a typical batch to time GEMMs on."""
+        words = "the quick brown fox jumps over a lazy dog while seven wise owls watch from the old oak".split()
+        texts = [" ".join(words[(i * 5) % len(words) :] + words)[: 60 + 4 * (i % 16)] for i in range(32)]
+        if self.options.task == RERANK:
+            return self._tokenize_pairs("where do the owls sit", texts)
+        return self._tokenize(texts)
 
     def warmup(self) -> None:
         sample = "The quick brown fox jumps over the lazy dog."
@@ -319,7 +350,9 @@ class EncoderRuntime:
     @torch.inference_mode()
     def _forward(self, items: Sequence[Features]) -> list[np.ndarray]:
         task = self.options.task
-        if self.packed is not None:  # embed only
+        if self.packed is not None:
+            if task != EMBED:
+                return self.packed.outputs(items)
             assert self.pooling is not None
             hidden, mask = unpack(*self.packed.hidden_states(items))
             return list(pool(self.pooling, hidden, mask).float().numpy())

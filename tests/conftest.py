@@ -202,9 +202,10 @@ def encoder_worker(start_worker: Any, minilm_path: str, test_models: dict[str, s
 @pytest.fixture(scope="session")
 def celery_intake_worker(start_worker: Any, minilm_path: str, test_models: dict[str, str]) -> WorkerProcess:
     """The encoder worker's models on queues of their own, consumed the Celery way, with
-    MiniLM's forward pass padded (the encoder worker runs it packed)."""
+    their forward passes padded (the encoder worker runs them packed)."""
     models = encoder_models(minilm_path, test_models, "cel")
-    models["minilm"]["packed"] = False
+    for spec in models.values():
+        spec["packed"] = False
     return start_worker("celery-intake", models, concurrency=32, intake="celery")
 
 

@@ -36,6 +36,18 @@ def q(alias: str) -> str:
     return queue_name(f"enc-{alias}")
 
 
+@pytest.fixture(params=["packed", "padded"])
+def route(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """A model's queue on the encoder worker (its forward passes packed, the default on
+    the CPU) or on the Celery-intake worker (``packed: false``): the oracle tests run on
+    both forward passes."""
+    if request.param == "packed":
+        request.getfixturevalue("encoder_worker")
+        return q
+    request.getfixturevalue("celery_intake_worker")
+    return lambda alias: queue_name(f"cel-{alias}")
+
+
 @pytest.fixture(scope="session")
 def cross_encoder(test_models: dict[str, str]) -> Any:
     from sentence_transformers import CrossEncoder
@@ -57,9 +69,9 @@ def pipelines(test_models: dict[str, str]) -> dict[str, Any]:
 # -- rerank ------------------------------------------------------------------------------
 
 
-def test_rerank_equals_cross_encoder(encoder_worker: Any, producer: Celery, cross_encoder: Any) -> None:
+def test_rerank_equals_cross_encoder(route: Callable[[str], str], producer: Celery, cross_encoder: Any) -> None:
     expected = cross_encoder.predict([(QUERY, d) for d in DOCUMENTS])
-    result = call(producer, "rerank", q("reranker"), model="reranker", query=QUERY, documents=DOCUMENTS)
+    result = call(producer, "rerank", route("reranker"), model="reranker", query=QUERY, documents=DOCUMENTS)
     assert result["model"] == "reranker"
     results = result["results"]
     assert len(results) == len(DOCUMENTS)
@@ -92,8 +104,8 @@ def test_rerank_top_n_and_documents(encoder_worker: Any, producer: Celery, cross
 # -- ner ---------------------------------------------------------------------------------
 
 
-def test_ner_equals_pipeline(encoder_worker: Any, producer: Celery, pipelines: dict[str, Any]) -> None:
-    result = call(producer, "ner", q("ner"), model="ner", input=TEXTS)
+def test_ner_equals_pipeline(route: Callable[[str], str], producer: Celery, pipelines: dict[str, Any]) -> None:
+    result = call(producer, "ner", route("ner"), model="ner", input=TEXTS)
     assert len(result["entities"]) == len(TEXTS)
     total = 0
     for text, got in zip(TEXTS, result["entities"]):
@@ -122,8 +134,10 @@ def test_ner_single_string(encoder_worker: Any, producer: Celery, pipelines: dic
 
 
 @pytest.mark.parametrize("alias", ["sentiment", "topics"])
-def test_classify_equals_pipeline(alias: str, encoder_worker: Any, producer: Celery, pipelines: dict[str, Any]) -> None:
-    result = call(producer, "classify", q(alias), model=alias, input=TEXTS, top_k=None)
+def test_classify_equals_pipeline(
+    alias: str, route: Callable[[str], str], producer: Celery, pipelines: dict[str, Any]
+) -> None:
+    result = call(producer, "classify", route(alias), model=alias, input=TEXTS, top_k=None)
     for text, got in zip(TEXTS, result["results"]):
         expected = pipelines[alias]([text])[0]
         assert [g["label"] for g in got] == [e["label"] for e in expected]
@@ -271,6 +285,23 @@ def test_bad_input(
         result.get(timeout=30)
     assert type(info.value).__name__ == "InvalidRequest", repr(info.value)
     assert field in str(info.value)
+
+
+def test_every_model_runs_packed_on_the_cpu_unless_asked_not_to(encoder_worker: Any, celery_intake_worker: Any) -> None:
+    """The oracle tests above cover both forward passes: every encoder model here is a
+    BERT model, packed by default on the CPU (checked at load), and padded where
+    ``packed: false``."""
+
+    def packed(worker: Any) -> dict[str, bool]:
+        return {e["model"]: e["packed"] for e in worker.events() if e.get("event") == "model.ready"}
+
+    aliases = {"minilm", "reranker", "ner", "sentiment", "topics"}
+    assert packed(encoder_worker) == dict.fromkeys(aliases, True)
+    assert packed(celery_intake_worker) == dict.fromkeys(aliases, False)
+    checks = {e["model"]: e for e in encoder_worker.events() if e.get("event") == "encoder.packed"}
+    assert set(checks) == aliases
+    for check in checks.values():
+        assert check["gemm"] in ("torch", "onednn") and check["max_difference"] < 1e-4
 
 
 def test_still_serving_after_bad_input(encoder_worker: Any, producer: Celery) -> None:

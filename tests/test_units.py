@@ -537,7 +537,7 @@ def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from models.packed import PackedBert, unpack
+    from models.packed import PackedBert, available_linears, unpack
     from models.pooling import PoolingConfig, pool
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
@@ -549,8 +549,11 @@ def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None
 
     packed = PackedBert.for_model(model)
     assert packed is not None
-    worst = packed.matches(items, dict(padded), atol=1e-5)
-    assert worst is not None and worst > 0  # a real comparison, within float32 rounding
+    for gemm in available_linears():
+        packed.use(gemm)
+        worst = packed.matches(items, dict(padded), atol=1e-5)
+        assert worst is not None and worst > 0, gemm  # a real comparison, within float32 rounding
+    packed.use("torch")
 
     hidden, lengths = packed.hidden_states(items)
     assert lengths == [len(ids) for ids in encoded["input_ids"]] and hidden.shape[0] == sum(lengths)
@@ -568,6 +571,65 @@ def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None
     ):
         expected = pool(config, theirs, padded["attention_mask"])
         torch.testing.assert_close(pool(config, ours, mask), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["reranker", "ner", "sentiment"])
+def test_the_packed_classifier_heads_equal_the_models_own(task: str, test_models: dict[str, str]) -> None:
+    """The sequence classifier (its last layer for the first token only) and the token
+    classifier, packed, on every GEMM library here, against the model's own forward pass:
+    rows of very different lengths, and for the reranker pairs with a truncated document."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    from models.packed import PackedBert, available_linears
+
+    path = test_models[task]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    cls = AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
+    model = cls.from_pretrained(path).eval()
+    texts = ["a", "naïve café — 日本語のテキスト 🚀", "  extra   spaces  ", " ".join(["word"] * 600)]
+    if task == "reranker":
+        encoded = tokenizer(["which café?"] * len(texts), texts, truncation="only_second", max_length=512)
+    else:
+        encoded = tokenizer(texts, truncation=True, max_length=512)
+    items = [{k: encoded[k][i] for k in ("input_ids", "token_type_ids")} for i in range(len(texts))]
+    padded = dict(tokenizer.pad(dict(encoded), return_tensors="pt"))
+    with torch.inference_mode():
+        theirs = model(**padded).logits.numpy()
+
+    packed = PackedBert.for_model(model)
+    assert packed is not None and packed.head == ("tokens" if task == "ner" else "first")
+    scale = max(1.0, float(np.abs(theirs).max()))
+    for gemm in available_linears():
+        packed.use(gemm)
+        ours = packed.outputs(items)
+        assert len(ours) == len(texts)
+        for row, (out, n) in enumerate(zip(ours, (len(ids) for ids in encoded["input_ids"]))):
+            expected = theirs[row, :n] if task == "ner" else theirs[row]
+            assert out.shape == expected.shape
+            assert float(np.abs(out - expected).max()) <= 1e-5 * scale, (gemm, row)
+        assert packed.matches(items, padded, atol=1e-5) is not None
+
+
+def test_the_packed_forward_pass_keeps_the_faster_gemm_library(minilm_path: str) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    from models import packed as packed_mod
+    from models.packed import PackedBert, available_linears
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    packed = PackedBert.for_model(AutoModel.from_pretrained(minilm_path).eval(), "auto")
+    assert packed is not None and packed.linear == "torch"  # until tuned
+    encoded = tokenizer(["a short one", "and another, a little longer than that"])
+    items = [{"input_ids": ids} for ids in encoded["input_ids"]]
+    packed_mod._TUNED.pop(packed.shape, None)
+    medians = packed.tune(items, rounds=2)
+    assert set(medians) == set(available_linears()) and all(ms > 0 for ms in medians.values())
+    assert packed.linear == min(medians, key=medians.__getitem__)
+    assert packed.tune(items) is medians  # a second model of this shape: the same choice, not timed again
+    with pytest.raises(ValueError, match="not available"):
+        packed.use("cublas")
 
 
 def test_the_packed_forward_pass_is_only_for_bert_models() -> None:

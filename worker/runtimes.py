@@ -57,6 +57,7 @@ def build_runtime(alias: str, spec: ModelSpec, settings: WorkerSettings, device:
             revision=spec.revision,
             request_timeout=time_limit,
             packed=spec.packed,
+            packed_gemm=spec.packed_gemm,
         ),
         BatchLimits(**batching.model_dump()),
     )

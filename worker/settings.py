@@ -63,8 +63,13 @@ class ModelSpec(BaseModel):
     batching: BatchingSettings | None = Field(None, description="Overrides the worker's batching.")
     packed: bool = Field(
         True,
-        description="embed on the CPU: run a BERT-family model without padding (checked against its own forward "
+        description="On the CPU: run a BERT-family encoder model without padding (checked against its own forward "
         "pass at load; other models are unaffected).",
+    )
+    packed_gemm: Literal["auto", "torch", "onednn"] = Field(
+        "auto",
+        description="The packed forward pass's GEMM library: torch (nn.Linear's, MKL on x86) or oneDNN; auto times "
+        "both at load and keeps the faster.",
     )
     # generate / llama.cpp
     n_ctx: int = Field(4096, ge=16, description="GGUF context window in tokens.")
