@@ -117,8 +117,8 @@ def gemm_paths(config: Any, rows: int, args: Any) -> tuple[dict[str, Any], dict[
     """The device's GEMM at its best, as paths for ``timed_in_turns`` and their FLOPs: the
     model's feed-forward pair of matrices with ``rows`` rows (every token of the request in
     one product, the most favourable shape the model has) and a 1024x1024 square. On the CPU
-    in fp32 with torch (MKL) and with numpy (its bundled OpenBLAS); on a GPU with torch in
-    the benchmark's dtype."""
+    in fp32 with torch (MKL), with oneDNN's linear (which the worker may pick) and with numpy
+    (its bundled OpenBLAS); on a GPU with torch in the benchmark's dtype."""
     import numpy as np
     import torch
 
@@ -144,6 +144,15 @@ def gemm_paths(config: Any, rows: int, args: Any) -> tuple[dict[str, Any], dict[
         "torch square": repeat(lambda: torch.mm(ta, tb)),
     }
     if not on_gpu:
+        from models.packed import available_linears
+
+        if "onednn" in available_linears():
+            linear = torch.ops.mkldnn._linear_pointwise  # x @ w.T, w as [out, in]
+            ow1, ow2, ob = (m.t().contiguous() for m in (tw1, tw2, tb))
+            paths["onednn ffn"] = repeat(
+                lambda: linear(linear(tx, ow1, None, "none", [], ""), ow2, None, "none", [], "")
+            )
+            paths["onednn square"] = repeat(lambda: linear(ta, ob, None, "none", [], ""))
         paths["numpy ffn"] = repeat(lambda: (x @ w1) @ w2)
         paths["numpy square"] = repeat(lambda: a @ b)
     ffn, square = 4 * 2 * 2.0 * rows * hidden * inter, 4 * 2.0 * 1024**3
