@@ -93,14 +93,7 @@ class PackedBert:
         self.heads = attention.num_attention_heads
         self.head_size = attention.attention_head_size
         self.scaling = getattr(attention, "scaling", self.head_size**-0.5)
-        # Q, K and V as one [3 * hidden, hidden] matrix per layer (rows: Q, then K, then V)
-        self.qkv = [
-            (
-                torch.cat([a.query.weight, a.key.weight, a.value.weight]).contiguous(),
-                torch.cat([a.query.bias, a.key.bias, a.value.bias]).contiguous(),
-            )
-            for a in (layer.attention.self for layer in self.layers)
-        ]
+        self.qkv = [_fuse_qkv(layer.attention.self) for layer in self.layers]
         # oneDNN fuses the feed-forward activation where it has it (exact or tanh GELU)
         self._gelu = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}.get(
             getattr(model.config, "hidden_act", None)  # type: ignore[arg-type]
@@ -270,6 +263,23 @@ class PackedBert:
             intermediate = layer.intermediate.intermediate_act_fn(linear(x, dense.weight, dense.bias))
         out = layer.output
         return out.LayerNorm(linear(intermediate, out.dense.weight, out.dense.bias) + x)
+
+
+def _fuse_qkv(attention: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q, K and V as one [3 * hidden, hidden] matrix (rows: Q, then K, then V) and its bias.
+    The three layers' own weights become views of it, so the model's own forward pass is
+    unchanged and the weights are not held twice."""
+    parts = (attention.query, attention.key, attention.value)
+    with torch.no_grad():
+        weight = torch.cat([p.weight for p in parts]).contiguous()
+        bias = torch.cat([p.bias for p in parts]).contiguous()
+    start = 0
+    for part in parts:
+        rows = part.weight.shape[0]
+        part.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
+        part.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
 
 
 def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -547,8 +547,15 @@ def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None
     items = [{k: encoded[k][i] for k in ("input_ids", "token_type_ids")} for i in range(len(texts))]
     padded = tokenizer.pad({"input_ids": encoded["input_ids"]}, return_tensors="pt")
 
+    with torch.inference_mode():
+        before = model(**padded)[0]
     packed = PackedBert.for_model(model)
     assert packed is not None
+    # Q, K and V fused into one matrix, which the model's own layers now view: not held twice
+    query = model.encoder.layer[0].attention.self.query.weight
+    assert query.untyped_storage().data_ptr() == packed.qkv[0][0].untyped_storage().data_ptr()
+    with torch.inference_mode():
+        assert torch.equal(model(**padded)[0], before)
     for gemm in available_linears():
         packed.use(gemm)
         worst = packed.matches(items, dict(padded), atol=1e-5)
