@@ -23,8 +23,8 @@ It serves the three heads the encoder runtime loads for a BERT model:
 Its matrix products run on one of two CPU GEMM libraries inside torch: MKL (what
 ``nn.Linear`` calls) or oneDNN (``torch.ops.mkldnn._linear_pointwise``, which also fuses
 the feed-forward GELU). Which is faster depends on the CPU: on an AMD EPYC (Zen 4) oneDNN
-took 10-14% less time per forward pass, on an Intel Xeon the earlier session measured
-it slower. So with ``linear="auto"`` the runtime times both on the model at load and
+took 10-14% less time per forward pass, while an earlier session measured oneDNN's layers
+(``torch.utils.mkldnn``) slower than ``nn.Linear`` on an Intel Xeon. So with ``linear="auto"`` the runtime times both on the model at load and
 keeps the faster (``tune``). Q, K and V are one fused matrix product either way.
 
 It reimplements the forward pass of transformers' ``BertModel`` (eval mode, absolute
@@ -130,7 +130,7 @@ class PackedBert:
 
     @property
     def shape(self) -> tuple[Any, ...]:
-        """What decides the GEMMs' speed: the encoder's sizes and dtype, whatever its head."""
+        """What decides which GEMM library is faster: the encoder's sizes, dtype and head."""
         config = self.model.config
         return (
             config.hidden_size,
