@@ -1,4 +1,4 @@
-"""A padding-free forward pass for BERT-family encoder models on the CPU.
+"""A padding-free forward pass for BERT- and RoBERTa-family encoder models on the CPU.
 
 A server batches requests as they arrive, so the rows of a batch have mixed lengths, and
 a padded forward pass computes the padding too: on the embed benchmark's sentences, a
@@ -10,28 +10,30 @@ attention itself runs on a padded [rows, heads, longest, head_dim] grid, with th
 masked out as in the model's own forward. On a GPU the padded forward pass is cheap and
 uses fused attention kernels, so this is for the CPU only.
 
-It serves the three heads the encoder runtime loads for a BERT model:
+It serves the three heads the encoder runtime loads, for BERT, RoBERTa and XLM-RoBERTa:
 
-* ``BertModel`` (embed): the last layer's hidden states of every token, for pooling;
-* ``BertForTokenClassification`` (ner): the classifier on every token's hidden state;
-* ``BertForSequenceClassification`` (rerank, classify): the pooler and classifier read
-  only the first token's hidden state, so the last layer computes only that row: its
-  keys and values still come from every token, but its query, attention output and
-  feed-forward matrices run on one row per input instead of all of them (on 100 rerank
-  pairs: 60.0 GFLOP instead of 69.3).
+* ``*Model`` (embed): the last layer's hidden states of every token, for pooling;
+* ``*ForTokenClassification`` (ner): the classifier on every token's hidden state;
+* ``*ForSequenceClassification`` (rerank, classify): BERT's pooler and classifier, or
+  RoBERTa's classification head, read only the first token's hidden state, so the last
+  layer computes only that row: its keys and values still come from every token, but its
+  query, attention output and feed-forward matrices run on one row per input instead of
+  all of them (on 100 rerank pairs: 60.0 GFLOP instead of 69.3).
 
 Its matrix products run on one of two CPU GEMM libraries inside torch: MKL (what
 ``nn.Linear`` calls) or oneDNN (``torch.ops.mkldnn._linear_pointwise``, which also fuses
 the feed-forward GELU). Which is faster depends on the CPU: on an AMD EPYC (Zen 4) oneDNN
 took 10-14% less time per forward pass, while an earlier session measured oneDNN's layers
-(``torch.utils.mkldnn``) slower than ``nn.Linear`` on an Intel Xeon. So with ``linear="auto"`` the runtime times both on the model at load and
-keeps the faster (``tune``). Q, K and V are one fused matrix product either way.
+(``torch.utils.mkldnn``) slower than ``nn.Linear`` on an Intel Xeon. So with
+``linear="auto"`` the runtime times both on the model at load and keeps the faster
+(``tune``). Q, K and V are one fused matrix product either way.
 
-It reimplements the forward pass of transformers' ``BertModel`` (eval mode, absolute
-positions, no cross-attention) from the model's own modules and weights, so it applies to
-``model_type == "bert"`` only (MiniLM, BGE, E5, ms-marco cross-encoders and most
-sentence-transformers models), and the runtime checks it against the model's own forward
-pass at load before using it (``matches``).
+It reimplements the forward pass of transformers' ``BertModel`` and ``RobertaModel``
+(eval mode, absolute positions, no cross-attention) from the model's own modules and
+weights, so it applies to ``model_type`` bert, roberta and xlm-roberta only (MiniLM, BGE,
+E5 and multilingual E5, the ms-marco and bge rerankers, most sentence-transformers
+models), and the runtime checks it against the model's own forward pass at load before
+using it (``matches``).
 """
 
 from __future__ import annotations
@@ -48,8 +50,14 @@ import torch.nn.functional as F
 
 from models.batcher import Features
 
-# the heads this module reimplements, by class name (a subclass may change the forward pass)
-_HEADS = {"BertModel": "hidden", "BertForTokenClassification": "tokens", "BertForSequenceClassification": "first"}
+# the heads this module reimplements, by class name (a subclass may change the forward
+# pass): what each returns, and the attribute holding the encoder (None: the model is it)
+_HEADS: dict[str, tuple[str, str | None]] = {}
+for _family, _attr in (("Bert", "bert"), ("Roberta", "roberta"), ("XLMRoberta", "roberta")):
+    _HEADS[f"{_family}Model"] = ("hidden", None)
+    _HEADS[f"{_family}ForTokenClassification"] = ("tokens", _attr)
+    _HEADS[f"{_family}ForSequenceClassification"] = ("first", _attr)
+_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 
 
 @dataclass
@@ -80,15 +88,26 @@ class _Batch:
 
 
 class PackedBert:
-    """Runs a BERT model (one of ``_HEADS``) on token id sequences without padding them."""
+    """Runs a BERT or RoBERTa model (one of ``_HEADS``) on token id sequences without
+    padding them."""
 
-    def __init__(self, model: Any, head: str, linear: str = "torch") -> None:
+    def __init__(self, model: Any, head: str, encoder: Any, linear: str = "torch") -> None:
         self.model = model
         self.head = head
-        bert = model if head == "hidden" else model.bert
-        self.embeddings = bert.embeddings
-        self.layers = list(bert.encoder.layer)
-        self.pooler = getattr(bert, "pooler", None)
+        self.embeddings = encoder.embeddings
+        self.layers = list(encoder.encoder.layer)
+        # RoBERTa counts positions from its padding id + 1, and gives a padding token
+        # (one written in the text, say) the padding id's position, as its own forward does
+        self.padding_idx = getattr(self.embeddings, "padding_idx", None)
+        # a sequence classifier's head on the first token's state: BERT's pooler and
+        # classifier, or RoBERTa's classification head (dense, tanh, projection)
+        classifier = getattr(model, "classifier", None)
+        if head != "first":
+            self._first_head: tuple[Any, Any] | None = None
+        elif hasattr(classifier, "out_proj"):
+            self._first_head = (classifier.dense, classifier.out_proj)
+        else:
+            self._first_head = (encoder.pooler.dense, classifier)
         attention = self.layers[0].attention.self
         self.heads = attention.num_attention_heads
         self.head_size = attention.attention_head_size
@@ -106,20 +125,21 @@ class PackedBert:
         it does not apply. ``linear``: a key of ``LINEARS`` (``auto`` is the runtime's:
         it calls ``tune``)."""
         config = getattr(model, "config", None)
-        head = _HEADS.get(type(model).__name__)
+        head, attr = _HEADS.get(type(model).__name__, (None, None))
         if (
             head is None
             or config is None
-            or getattr(config, "model_type", None) != "bert"
+            or getattr(config, "model_type", None) not in _MODEL_TYPES
             or getattr(config, "position_embedding_type", "absolute") != "absolute"
             or getattr(config, "is_decoder", False)
             or getattr(config, "add_cross_attention", False)
             or getattr(config, "chunk_size_feed_forward", 0)
         ):
             return None
-        if head == "first" and getattr(model.bert, "pooler", None) is None:
+        encoder = model if attr is None else getattr(model, attr)
+        if head == "first" and not hasattr(model.classifier, "out_proj") and getattr(encoder, "pooler", None) is None:
             return None
-        return cls(model, head, linear)
+        return cls(model, head, encoder, linear)
 
     def use(self, linear: str) -> None:
         """Run the matrix products on ``linear`` (a key of ``LINEARS``) from now on."""
@@ -190,8 +210,9 @@ class PackedBert:
         for index in range(len(self.layers) - 1):
             x = self._layer(index, x, batch)
         first = self._layer(len(self.layers) - 1, x, batch, first_only=True)
-        assert self.pooler is not None
-        return self.model.classifier(self.pooler.activation(self.pooler.dense(first)))
+        assert self._first_head is not None
+        dense, out = self._first_head
+        return out(torch.tanh(dense(first)))  # dropout: identity in eval
 
     @torch.inference_mode()
     def outputs(self, items: Sequence[Features]) -> list[np.ndarray]:
@@ -228,7 +249,14 @@ class PackedBert:
             types = torch.from_numpy(_concat([item["token_type_ids"] for item in items]))
         else:
             types = torch.zeros_like(ids)
-        positions = torch.cat([torch.arange(len(item["input_ids"])) for item in items])
+        if self.padding_idx is None:
+            positions = torch.cat([torch.arange(len(item["input_ids"])) for item in items])
+        else:
+            real = (ids != self.padding_idx).long()
+            counts = torch.cat(
+                [torch.cumsum(row, 0) for row in torch.split(real, [len(i["input_ids"]) for i in items])]
+            )
+            positions = counts * real + self.padding_idx
         emb = self.embeddings
         x = emb.word_embeddings(ids) + emb.position_embeddings(positions) + emb.token_type_embeddings(types)
         return emb.LayerNorm(x)
