@@ -117,8 +117,9 @@ def gemm_paths(config: Any, rows: int, args: Any) -> tuple[dict[str, Any], dict[
     """The device's GEMM at its best, as paths for ``timed_in_turns`` and their FLOPs: the
     model's feed-forward pair of matrices with ``rows`` rows (every token of the request in
     one product, the most favourable shape the model has) and a 1024x1024 square. On the CPU
-    in fp32 with torch (MKL), with oneDNN's linear (which the worker may pick) and with numpy
-    (its bundled OpenBLAS); on a GPU with torch in the benchmark's dtype."""
+    with torch (MKL in float32), with oneDNN's linear (which the worker may pick) and in
+    float32 with numpy (its bundled OpenBLAS); on a GPU with torch; all in the benchmark's
+    dtype."""
     import numpy as np
     import torch
 
@@ -127,7 +128,7 @@ def gemm_paths(config: Any, rows: int, args: Any) -> tuple[dict[str, Any], dict[
     x, w1, w2 = (rng.standard_normal(s, dtype=np.float32) for s in ((rows, hidden), (hidden, inter), (inter, hidden)))
     a, b = (rng.standard_normal((1024, 1024), dtype=np.float32) for _ in range(2))
     on_gpu = args.device != "cpu"
-    dtype = h.torch_dtype(args) if on_gpu else torch.float32
+    dtype = h.torch_dtype(args)
     tx, tw1, tw2, ta, tb = (torch.from_numpy(m).to(args.device, dtype) for m in (x, w1, w2, a, b))
 
     def repeat(fn: Any) -> Any:
@@ -143,7 +144,7 @@ def gemm_paths(config: Any, rows: int, args: Any) -> tuple[dict[str, Any], dict[
         "torch ffn": repeat(lambda: torch.mm(torch.mm(tx, tw1), tw2)),
         "torch square": repeat(lambda: torch.mm(ta, tb)),
     }
-    if not on_gpu:
+    if not on_gpu:  # numpy: float32 only
         from models.packed import available_linears
 
         if "onednn" in available_linears():
@@ -153,8 +154,9 @@ def gemm_paths(config: Any, rows: int, args: Any) -> tuple[dict[str, Any], dict[
                 lambda: linear(linear(tx, ow1, None, "none", [], ""), ow2, None, "none", [], "")
             )
             paths["onednn square"] = repeat(lambda: linear(ta, ob, None, "none", [], ""))
-        paths["numpy ffn"] = repeat(lambda: (x @ w1) @ w2)
-        paths["numpy square"] = repeat(lambda: a @ b)
+        if dtype == torch.float32:
+            paths["numpy ffn"] = repeat(lambda: (x @ w1) @ w2)
+            paths["numpy square"] = repeat(lambda: a @ b)
     ffn, square = 4 * 2 * 2.0 * rows * hidden * inter, 4 * 2.0 * 1024**3
     return paths, {name: ffn if name.endswith("ffn") else square for name in paths}
 
@@ -220,6 +222,10 @@ def measure(paths: dict[str, str], docs: list[str], texts: list[str], args: Any,
                 scores[item["index"]] = item["relevance_score"]
             out["rerank_scores"] = scores
             out["ce_scores"] = [float(x) for x in ce.predict(pairs, show_progress_bar=False)]
+            if dtype != torch.float32:  # what the dtype costs: the same pairs in float32
+                ce32 = CrossEncoder(paths["reranker"], device=device, model_kwargs={"dtype": torch.float32})
+                out["ce32_scores"] = [float(x) for x in ce32.predict(pairs, show_progress_bar=False)]
+                del ce32
 
             h.log(f"ner, {len(texts)} texts: worker and the pipeline's three ways in turns, {args.reps} rounds")
             out["ner"] = h.timed_in_turns(
@@ -330,7 +336,7 @@ def main() -> None:
 
 The {args.documents} pairs are {res["rerank_tokens"]:,} tokens: {flops / 1e9:.1f} GFLOP for the whole model, unpadded, counted
 from its config. A score reads only the last layer's [CLS] row, so the least any implementation
-must compute is {needed / 1e9:.1f} GFLOP. This device's {args.dtype if args.device != "cpu" else "fp32"} GEMM at its best, medians of {args.reps} in the same
+must compute is {needed / 1e9:.1f} GFLOP. This device's {args.dtype} GEMM at its best, medians of {args.reps} in the same
 run, in GFLOP/s: {gemm_rates} (ffn: the model's feed-forward matrices with all
 {res["rerank_tokens"]:,} tokens as rows; square: 1024x1024). With every operation at the best of these rates, the pairs would take
 {h.ms(floor)} ms. So no implementation of this model in this dtype using these libraries can beat the
@@ -344,6 +350,17 @@ one-pair loop's median ({h.ms(loop_m)} ms) by more than **{loop_m / floor:.2f}x*
 """
 
     score_diff = max(abs(a - b) for a, b in zip(res["rerank_scores"], res["ce_scores"], strict=True))
+    if "ce32_scores" in res:
+        diffs = [
+            max(abs(a - b) for a, b in zip(res[k], res["ce32_scores"], strict=True))
+            for k in ("rerank_scores", "ce_scores")
+        ]
+        vs_float32 = (
+            f"\nIn {args.dtype}, against `CrossEncoder.predict` in float32: the worker's scores differ by up to "
+            f"{diffs[0]:.2e}, the library's own in {args.dtype} by up to {diffs[1]:.2e}."
+        )
+    else:
+        vs_float32 = ""
     bad, worst = ner_mismatches(res["ner_entities"], res["ner_ref"])
     body = f"""### Rerank: {args.documents} documents, one query (median of {args.reps})
 
@@ -361,7 +378,7 @@ table take turns, one call each per round (the order rotating), so a change in t
 machine's speed during the run weighs on all of them alike.
 
 Sanity: max |worker score - CrossEncoder score| = {score_diff:.2e}; NER texts whose spans or
-labels differ from the pipeline's: {bad} of {args.texts} (max score difference where equal: {worst:.2e}).
+labels differ from the pipeline's: {bad} of {args.texts} (max score difference where equal: {worst:.2e}).{vs_float32}
 """
     h.report(
         h.section("bench_rerank_ner", args),

@@ -671,6 +671,31 @@ def test_the_packed_forward_pass_serves_the_roberta_family(name: str) -> None:
     assert packed.matches([{"input_ids": row} for row in rows], {"input_ids": ids, "attention_mask": mask}) is None
 
 
+def test_the_packed_forward_pass_in_bfloat16_is_checked_at_bfloat16s_precision(test_models: dict[str, str]) -> None:
+    """``dtype: bfloat16`` on a CPU: the packed pass is held to a tolerance of bfloat16's
+    rounding (4 epsilons of the outputs' size), not float32's, and still catches a bug."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from models.packed import PackedBert, available_linears
+
+    path = test_models["reranker"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.bfloat16).eval()
+    docs = ["a", "naïve café — 日本語のテキスト 🚀", " ".join(["word"] * 300)]
+    encoded = tokenizer(["which café?"] * len(docs), docs, truncation="only_second", max_length=512)
+    items = [{k: encoded[k][i] for k in ("input_ids", "token_type_ids")} for i in range(len(docs))]
+    padded = dict(tokenizer.pad(dict(encoded), return_tensors="pt"))
+    packed = PackedBert.for_model(model)
+    assert packed is not None and packed.tolerance == 4 * torch.finfo(torch.bfloat16).eps
+    for gemm in available_linears():
+        packed.use(gemm)
+        worst = packed.matches(items, padded)
+        assert worst is not None and worst > 1e-4, gemm  # beyond float32's tolerance, within bfloat16's
+    packed.embeddings = type(packed.embeddings)(model.config).to(torch.bfloat16).eval()  # untrained embeddings
+    assert packed.matches(items, padded) is None
+
+
 def test_the_packed_forward_pass_keeps_the_faster_gemm_library(minilm_path: str) -> None:
     from transformers import AutoModel, AutoTokenizer
 
