@@ -140,7 +140,11 @@ class EncoderRuntime:
         differences: dict[str, float] = {}
         for gemm in gemms:
             packed.use(gemm)
-            worst = packed.matches(items, padded)
+            try:
+                worst = packed.matches(items, padded)
+            except RuntimeError as exc:  # e.g. oneDNN has no float16 GEMM on this CPU
+                log.info("encoder.packed_gemm_unusable", model=self.alias, gemm=gemm, error=str(exc).split(".")[0])
+                continue
             if worst is not None:
                 differences[gemm] = worst
         if not differences:
@@ -148,7 +152,7 @@ class EncoderRuntime:
             return None
         timings: dict[str, float] = {}
         if len(differences) > 1:
-            timings = packed.tune(self._tuning_sample())
+            timings = packed.tune(self._tuning_sample(), list(differences))
         else:
             packed.use(next(iter(differences)))
         log.info(

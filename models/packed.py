@@ -161,15 +161,16 @@ class PackedBert:
             self.head,
         )
 
-    def tune(self, items: Sequence[Features], rounds: int = 3) -> dict[str, float]:
-        """Time a forward pass of ``items`` on each available GEMM library, in turns, and
-        keep the faster; returns each one's median in ms. Models of the same shape in one
-        process take the first one's choice (and its figures) without timing again."""
+    def tune(self, items: Sequence[Features], gemms: Sequence[str] | None = None, rounds: int = 3) -> dict[str, float]:
+        """Time a forward pass of ``items`` on each of ``gemms`` (default: every available
+        GEMM library), in turns, and keep the faster; returns each one's median in ms.
+        Models of the same shape in one process take the first one's choice (and its
+        figures) without timing again."""
         known = _TUNED.get(self.shape)
         if known is not None:
             self.use(known[0])
             return known[1]
-        times: dict[str, list[float]] = {name: [] for name in available_linears()}
+        times: dict[str, list[float]] = {name: [] for name in (gemms or available_linears())}
         for r in range(rounds + 1):  # the first round warms up, untimed
             for name in times:
                 self.use(name)

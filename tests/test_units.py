@@ -696,6 +696,34 @@ def test_the_packed_forward_pass_in_bfloat16_is_checked_at_bfloat16s_precision(t
     assert packed.matches(items, padded) is None
 
 
+def test_a_float16_model_on_the_cpu_loads_and_serves(test_models: dict[str, str]) -> None:
+    """oneDNN has no float16 GEMM on most CPUs: the runtime must pass over that library at
+    load (not fail), and serve on another or padded."""
+    from models.batcher import BatchLimits
+    from models.encoder import EncoderOptions, EncoderRuntime
+
+    runtime = EncoderRuntime(
+        "reranker",
+        EncoderOptions(task="rerank", source=test_models["reranker"], device="cpu", dtype="float16"),
+        BatchLimits(),
+    )
+    runtime.load()
+    try:
+        assert runtime.packed is None or runtime.packed.linear in ("torch", "onednn")
+        half, _ = runtime.rerank("which fox?", ["The quick brown fox.", "A lazy dog."])
+    finally:
+        runtime.close()
+    full = EncoderRuntime(
+        "reranker", EncoderOptions(task="rerank", source=test_models["reranker"], device="cpu"), BatchLimits()
+    )
+    full.load()
+    try:
+        exact, _ = full.rerank("which fox?", ["The quick brown fox.", "A lazy dog."])
+    finally:
+        full.close()
+    assert max(abs(a - b) for a, b in zip(half, exact)) < 0.02
+
+
 def test_the_packed_forward_pass_keeps_the_faster_gemm_library(minilm_path: str) -> None:
     from transformers import AutoModel, AutoTokenizer
 
