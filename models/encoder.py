@@ -148,7 +148,8 @@ class EncoderRuntime:
             if worst is not None:
                 differences[gemm] = worst
         if not differences:
-            log.warning("encoder.packed_off", model=self.alias, reason="differs from the model's own forward pass")
+            reason = "no GEMM library here gives the model's own forward pass in its dtype"
+            log.warning("encoder.packed_off", model=self.alias, reason=reason, gemms=gemms)
             return None
         timings: dict[str, float] = {}
         if len(differences) > 1:
