@@ -688,10 +688,18 @@ def test_the_packed_forward_pass_in_bfloat16_is_checked_at_bfloat16s_precision(t
     padded = dict(tokenizer.pad(dict(encoded), return_tensors="pt"))
     packed = PackedBert.for_model(model)
     assert packed is not None and packed.tolerance == 4 * torch.finfo(torch.bfloat16).eps
+    checked = []
     for gemm in available_linears():
         packed.use(gemm)
-        worst = packed.matches(items, padded)
+        try:
+            worst = packed.matches(items, padded)
+        except RuntimeError:  # oneDNN has no bfloat16 GEMM on a CPU without bfloat16 instructions
+            assert gemm != "torch"
+            continue  # the runtime passes over it the same way (test below, for float16)
         assert worst is not None and worst > 1e-4, gemm  # beyond float32's tolerance, within bfloat16's
+        checked.append(gemm)
+    assert "torch" in checked
+    packed.use("torch")
     packed.embeddings = type(packed.embeddings)(model.config).to(torch.bfloat16).eval()  # untrained embeddings
     assert packed.matches(items, padded) is None
 
