@@ -304,6 +304,12 @@ def test_every_model_runs_packed_on_the_cpu_unless_asked_not_to(encoder_worker: 
         assert check["gemm"] in ("torch", "onednn") and check["max_difference"] < 1e-4
 
 
+def test_an_encoder_only_worker_sets_openmps_spin_before_torch_loads(encoder_worker: Any, gen_worker: Any) -> None:
+    (openmp,) = [e for e in encoder_worker.events() if e.get("event") == "worker.openmp"]
+    assert openmp["gomp_spincount"] == "10000" and openmp["applied"] is True
+    assert not [e for e in gen_worker.events() if e.get("event") == "worker.openmp"]
+
+
 def test_still_serving_after_bad_input(encoder_worker: Any, producer: Celery) -> None:
     for task, (alias, kwargs) in VALID.items():
         result = call(producer, task, q(alias), model=alias, **kwargs)

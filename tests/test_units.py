@@ -759,3 +759,22 @@ def test_the_packed_forward_pass_is_only_for_the_models_it_reimplements() -> Non
 
     tiny = DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
     assert PackedBert.for_model(tiny) is None
+
+
+def test_an_encoder_only_worker_shortens_openmps_spin_and_leaves_the_rest_alone() -> None:
+    """libgomp's default spin kept both cores busy after each forward pass; an encoder-only
+    worker shortens it, a worker that generates keeps it (llama.cpp needs it), and an
+    operator's own setting always wins."""
+    from worker.lifecycle import ENCODER_SPINCOUNT, openmp_spincount
+    from worker.settings import WorkerSettings
+
+    def settings(models: dict[str, Any]) -> WorkerSettings:
+        return WorkerSettings(models=models, serve=list(models))
+
+    encoders = {"e": {"task": "embed", "source": "x"}, "r": {"task": "rerank", "source": "y"}}
+    mixed = {**encoders, "g": {"task": "generate", "source": "model.gguf"}}
+    assert openmp_spincount(settings(encoders), {}) == ENCODER_SPINCOUNT
+    assert openmp_spincount(settings(mixed), {}) is None
+    assert openmp_spincount(settings({"g": {"task": "generate", "source": "lm"}}), {}) is None
+    assert openmp_spincount(settings(encoders), {"GOMP_SPINCOUNT": "300000"}) is None
+    assert openmp_spincount(settings(encoders), {"OMP_WAIT_POLICY": "ACTIVE"}) is None

@@ -8,6 +8,8 @@ solo pool that is the serving process itself; with prefork each child loads its 
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from typing import Any
 
@@ -31,13 +33,34 @@ def _setup_logging(**_: Any) -> None:
     configure_logging(settings.log_format, settings.log_level)
 
 
+ENCODER_SPINCOUNT = "10000"
+"""libgomp's spin before an idle OpenMP thread sleeps, in an encoder-only worker (README,
+"CPU hosts"). The default, 300,000 spins, kept both of a 2-core host's cores busy for
+milliseconds after each forward pass, against the intake, Redis and the producers."""
+
+
+def openmp_spincount(settings: WorkerSettings, environ: dict[str, str]) -> str | None:
+    """The ``GOMP_SPINCOUNT`` this worker sets for itself, or None to leave libgomp's.
+
+    Only in a worker that hosts encoder models alone: torch and llama.cpp share one libgomp
+    in a process, and llama.cpp's barriers between the ops of each token need the long
+    spin (``OMP_WAIT_POLICY=PASSIVE`` made GGUF decoding ~1.7x slower); a transformers
+    generator's decode steps are left alone too. An operator's own ``OMP_WAIT_POLICY`` or
+    ``GOMP_SPINCOUNT`` always wins.
+    """
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return None
+    if not settings.hosted or any(spec.task == "generate" for spec in settings.hosted.values()):
+        return None
+    return ENCODER_SPINCOUNT
+
+
 def load_models(settings: WorkerSettings) -> None:
     """Load, warm and register every hosted model; any failure stops the worker."""
-    # OpenMP's wait policy is left at its default (spin briefly, then sleep): torch and
-    # llama.cpp share one libgomp in this process, and llama.cpp's barriers between the
-    # ops of each token need the spin; OMP_WAIT_POLICY=PASSIVE made GGUF decoding ~1.7x
-    # slower. An encoder-only worker may trade a little for CPU with GOMP_SPINCOUNT
-    # (README, "Tuning").
+    # libgomp reads its settings when it loads, with torch: so before the import below
+    if spincount := openmp_spincount(settings, dict(os.environ)):
+        os.environ["GOMP_SPINCOUNT"] = spincount
+        log.info("worker.openmp", gomp_spincount=spincount, applied="torch" not in sys.modules)
     import torch
 
     from models.device import prepare_device, resolve_device
