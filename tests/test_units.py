@@ -744,10 +744,10 @@ def test_the_packed_forward_pass_keeps_the_faster_gemm_library(minilm_path: str)
     encoded = tokenizer(["a short one", "and another, a little longer than that"])
     items = [{"input_ids": ids} for ids in encoded["input_ids"]]
     packed_mod._TUNED.pop(packed.shape, None)
-    medians = packed.tune(items, rounds=2)
-    assert set(medians) == set(available_linears()) and all(ms > 0 for ms in medians.values())
-    assert packed.linear == min(medians, key=medians.__getitem__)
-    assert packed.tune(items) is medians  # a second model of this shape: the same choice, not timed again
+    fastest = packed.tune(items, rounds=2)
+    assert set(fastest) == set(available_linears()) and all(ms > 0 for ms in fastest.values())
+    assert packed.linear == min(fastest, key=fastest.__getitem__)
+    assert packed.tune(items) is fastest  # a second model of this shape: the same choice, not timed again
     with pytest.raises(ValueError, match="not available"):
         packed.use("cublas")
 
