@@ -67,6 +67,7 @@ class _Batch:
     lengths: list[int]
     width: int
     slots: torch.Tensor  # packed token -> its place in the flattened grid
+    pads: torch.Tensor  # the grid's padding places
     mask: torch.Tensor  # [rows, 1, 1, width]: True on real tokens
     starts: torch.Tensor  # packed index of each row's first token
 
@@ -74,17 +75,35 @@ class _Batch:
     def of(cls, lengths: list[int]) -> _Batch:
         real = _real_tokens(lengths)
         starts = torch.tensor([0, *np.cumsum(lengths[:-1]).tolist()], dtype=torch.long)
-        return cls(lengths, max(lengths), real.view(-1).nonzero().squeeze(1), real.unsqueeze(1).unsqueeze(1), starts)
+        flat = real.view(-1)
+        return cls(
+            lengths,
+            max(lengths),
+            flat.nonzero().squeeze(1),
+            (~flat).nonzero().squeeze(1),
+            real.unsqueeze(1).unsqueeze(1),
+            starts,
+        )
 
     @property
     def rows(self) -> int:
         return len(self.lengths)
 
     def to_grid(self, packed: torch.Tensor) -> torch.Tensor:
-        """[tokens, n] to a zero-padded [rows * width, n]."""
-        grid = packed.new_zeros(self.rows * self.width, packed.shape[1])
-        grid[self.slots] = packed
+        """[tokens, n] to a zero-padded [rows * width, n]. The padding is zeroed, not left
+        uninitialised: the attention masks it out, but a NaN there would still reach the
+        output through the zero weights times its values. (Copying into an empty grid and
+        zeroing only the padding took 55-66% of the time of zeroing the whole grid and
+        indexing into it, for 64 rows of 25-35 tokens.)"""
+        grid = packed.new_empty(self.rows * self.width, packed.shape[1])
+        grid.index_copy_(0, self.slots, packed)
+        if len(self.pads):
+            grid.index_fill_(0, self.pads, 0)
         return grid
+
+    def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """[rows * width, n] back to the packed [tokens, n]."""
+        return grid.index_select(0, self.slots)
 
 
 class PackedBert:
@@ -291,7 +310,7 @@ class PackedBert:
         if first_only:
             kv = batch.to_grid(linear(x, qkv_weight[hidden:], qkv_bias[hidden:]))
             kv = kv.view(rows, width, 2, heads, size).permute(2, 0, 3, 1, 4)
-            x = x[batch.starts]
+            x = x.index_select(0, batch.starts)
             query = linear(x, qkv_weight[:hidden], qkv_bias[:hidden]).view(rows, 1, heads, size).transpose(1, 2)
             context = F.scaled_dot_product_attention(query, kv[0], kv[1], attn_mask=batch.mask, scale=self.scaling)
             context = context.transpose(1, 2).reshape(rows, hidden)
@@ -301,7 +320,7 @@ class PackedBert:
             context = F.scaled_dot_product_attention(
                 grid[0], grid[1], grid[2], attn_mask=batch.mask, scale=self.scaling
             )
-            context = context.transpose(1, 2).reshape(rows * width, hidden)[batch.slots]
+            context = batch.from_grid(context.transpose(1, 2).reshape(rows * width, hidden))
         out = layer.attention.output
         x = out.LayerNorm(linear(context, out.dense.weight, out.dense.bias) + x)
         dense = layer.intermediate.dense
