@@ -183,10 +183,10 @@ class PackedBert:
     def tune(self, items: Sequence[Features], gemms: Sequence[str] | None = None, rounds: int = 5) -> dict[str, float]:
         """Time a forward pass of ``items`` on each of ``gemms`` (default: every available
         GEMM library), in turns, and keep the faster; returns each one's fastest pass in ms.
-        The fastest, not the median: a busy or shared host only ever adds time, and at
-        load (other models loading, a noisy neighbour) a median of a few passes picked the
-        slower library in one load of five on an Intel host with AMX, where that library
-        took 14% longer over 100 rerank pairs (median of 8 trials in turns). The order alternates between rounds, so neither library always
+        The fastest, not the median: a busy or shared host only ever adds time, and at load
+        a median of three passes picked the slower library in one load of five on an Intel
+        host with AMX, where that library took 14% longer over 100 rerank pairs (median of
+        8 trials in turns). The order alternates between rounds, so neither library always
         runs first. Models of the same shape in one process take the first one's choice
         (and its figures) without timing again."""
         candidates = list(gemms or available_linears())

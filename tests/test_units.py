@@ -752,6 +752,24 @@ def test_the_packed_forward_pass_keeps_the_faster_gemm_library(minilm_path: str)
         packed.use("cublas")
 
 
+def test_the_packed_attention_grid_zeroes_its_padding_and_reads_back_the_tokens() -> None:
+    import torch
+
+    from models.packed import _Batch
+
+    batch = _Batch.of([3, 1, 2])
+    packed = torch.arange(1, 7, dtype=torch.float32).unsqueeze(1).repeat(1, 2)  # tokens 1..6
+    # the grid starts uninitialised: free a block of its size full of NaNs first, which
+    # the allocator hands out again, so the padding comes out as zeros only if it is zeroed
+    garbage = torch.full((9, 2), float("nan"))
+    del garbage
+    grid = batch.to_grid(packed)
+    expected = torch.tensor([1, 2, 3, 4, 0, 0, 5, 6, 0], dtype=torch.float32).unsqueeze(1).repeat(1, 2)
+    assert torch.equal(grid, expected)
+    assert torch.equal(batch.from_grid(grid), packed)
+    assert torch.equal(_Batch.of([2, 2]).to_grid(packed[:4]), packed[:4])  # no padding at all
+
+
 def test_the_packed_forward_pass_is_only_for_the_models_it_reimplements() -> None:
     from transformers import DistilBertConfig, DistilBertModel
 
