@@ -170,8 +170,7 @@ def measure_worker(
         ) as worker:
 
             def one(i: int) -> None:
-                task_id = client.send("embed", model=alias, queue=queue, input=sentences[i % len(sentences)])
-                result = client.wait(task_id, args.task_timeout)
+                result = client.embed(alias, sentences[i % len(sentences)], queue=queue, timeout=args.task_timeout)
                 if len(result["embeddings"]) != 1:
                     raise RuntimeError(f"expected one vector, got {len(result['embeddings'])}")
 

@@ -1,7 +1,7 @@
 """Send tasks by name over the Celery protocol and wait for results in Redis.
 
 Results are awaited over one shared pub/sub connection per client (producer/results.py):
-no polling, and no connection per waiting request. The same client serves synchronous
+no polling, no connection and no subscription per waiting request. The same client serves synchronous
 callers and asyncio ones (``await client.aembed(...)`` in a FastAPI handler).
 """
 
@@ -85,13 +85,14 @@ class InferenceClient:
         self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any
     ) -> str:
         """Enqueue ``task`` for ``model`` on its queue (by default the alias); returns the task id."""
-        task_id = task_id or str(uuid.uuid4())
+        task_id = task_id or self._waiter.new_task_id()
         self.celery.send_task(task, kwargs={"model": model, **kwargs}, queue=queue or model, task_id=task_id)
         return task_id
 
     async def asend(
         self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any
     ) -> str:
+        task_id = task_id or self._async_waiter().new_task_id()  # its waiter's prefix: no subscription to wait
         return await asyncio.to_thread(self.send, task, model=model, queue=queue, task_id=task_id, **kwargs)
 
     # -- waiting ------------------------------------------------------------------------
@@ -101,21 +102,31 @@ class InferenceClient:
         return decode_result(self._waiter.wait(task_id, timeout))
 
     async def await_result(self, task_id: str, timeout: float) -> dict[str, Any]:
-        if self._awaiter is None:
-            self._awaiter = AsyncResultWaiter(self._async_redis())
-        return decode_result(await self._awaiter.wait(task_id, timeout))
+        return decode_result(await self._async_waiter().wait(task_id, timeout))
 
     def call(
         self, task: str, *, model: str, timeout: float | None = None, queue: str | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        task_id = self.send(task, model=model, queue=queue, **kwargs)
-        return self.wait(task_id, timeout or self.timeouts.get(task, 60.0))
+        """Send and wait: the waiter is registered first, so the result needs no read."""
+        pending = self._waiter.expect(self._waiter.new_task_id())
+        try:
+            self.send(task, model=model, queue=queue, task_id=pending.task_id, **kwargs)
+        except BaseException:
+            self._waiter.forget(pending)
+            raise
+        return decode_result(self._waiter.result(pending, timeout or self.timeouts.get(task, 60.0)))
 
     async def acall(
         self, task: str, *, model: str, timeout: float | None = None, queue: str | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        task_id = await self.asend(task, model=model, queue=queue, **kwargs)
-        return await self.await_result(task_id, timeout or self.timeouts.get(task, 60.0))
+        waiter = self._async_waiter()
+        pending = await waiter.expect(waiter.new_task_id())
+        try:
+            await self.asend(task, model=model, queue=queue, task_id=pending.task_id, **kwargs)
+        except BaseException:
+            await waiter.forget(pending)
+            raise
+        return decode_result(await waiter.result(pending, timeout or self.timeouts.get(task, 60.0)))
 
     # -- the tasks, by name -------------------------------------------------------------
 
@@ -214,6 +225,11 @@ class InferenceClient:
     async def acancel(self, task_id: str, ttl: int = 3600) -> None:
         await self._async_redis().set("cancel:" + task_id, "1", ex=ttl)
         await asyncio.to_thread(self.celery.control.revoke, task_id)
+
+    def _async_waiter(self) -> AsyncResultWaiter:
+        if self._awaiter is None:
+            self._awaiter = AsyncResultWaiter(self._async_redis())
+        return self._awaiter
 
     def _async_redis(self) -> aioredis.Redis:
         if self._aredis is None:
