@@ -1,7 +1,7 @@
 """Send tasks by name over the Celery protocol and wait for results in Redis.
 
 Results are awaited over one shared pub/sub connection per client (producer/results.py):
-no polling, no connection and no subscription per waiting request. The same client serves synchronous
+no polling, and no connection per waiting request. The same client serves synchronous
 callers and asyncio ones (``await client.aembed(...)`` in a FastAPI handler).
 """
 
@@ -85,14 +85,13 @@ class InferenceClient:
         self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any
     ) -> str:
         """Enqueue ``task`` for ``model`` on its queue (by default the alias); returns the task id."""
-        task_id = task_id or self._waiter.new_task_id()
+        task_id = task_id or str(uuid.uuid4())
         self.celery.send_task(task, kwargs={"model": model, **kwargs}, queue=queue or model, task_id=task_id)
         return task_id
 
     async def asend(
         self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any
     ) -> str:
-        task_id = task_id or self._async_waiter().new_task_id()  # its waiter's prefix: no subscription to wait
         return await asyncio.to_thread(self.send, task, model=model, queue=queue, task_id=task_id, **kwargs)
 
     # -- waiting ------------------------------------------------------------------------
@@ -107,8 +106,8 @@ class InferenceClient:
     def call(
         self, task: str, *, model: str, timeout: float | None = None, queue: str | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        """Send and wait: the waiter is registered first, so the result needs no read."""
-        pending = self._waiter.expect(self._waiter.new_task_id())
+        """Send and wait: the waiter subscribes first, so the result needs no read."""
+        pending = self._waiter.expect(str(uuid.uuid4()))
         try:
             self.send(task, model=model, queue=queue, task_id=pending.task_id, **kwargs)
         except BaseException:
@@ -120,7 +119,7 @@ class InferenceClient:
         self, task: str, *, model: str, timeout: float | None = None, queue: str | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         waiter = self._async_waiter()
-        pending = await waiter.expect(waiter.new_task_id())
+        pending = await waiter.expect(str(uuid.uuid4()))
         try:
             await self.asend(task, model=model, queue=queue, task_id=pending.task_id, **kwargs)
         except BaseException:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,8 +17,6 @@ import redis
 import redis.asyncio as aioredis
 
 from producer.results import RECHECK_S, RESULT_PREFIX, AsyncResultWaiter, ResultWaiter
-
-UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
 def store(
@@ -31,7 +28,7 @@ def store(
     keep: bool = True,
     publish: bool = True,
 ) -> None:
-    """``keep=False``: only published, so only a subscriber can see it (no re-read can)."""
+    """``keep=False``: only published, so only a subscriber can see it (no read can)."""
     key = RESULT_PREFIX + task_id
     value = json.dumps({"status": status, "result": result, "task_id": task_id})
     if keep:
@@ -41,13 +38,23 @@ def store(
 
 
 def subscribers(r: redis.Redis, task_id: str) -> int:
-    return dict(r.pubsub_numsub(RESULT_PREFIX + task_id)).get((RESULT_PREFIX + task_id).encode(), 0)
+    key = RESULT_PREFIX + task_id
+    return dict(r.pubsub_numsub(key)).get(key.encode(), 0)
 
 
-def later(delay: float, fn: Any, *args: Any, **kwargs: Any) -> threading.Timer:
-    timer = threading.Timer(delay, fn, args, kwargs)
-    timer.start()
-    return timer
+def eventually(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def later(delay: float, fn: Any, *args: Any, **kwargs: Any) -> None:
+    threading.Timer(delay, fn, args, kwargs).start()
+
+
+def unsubscribe_calls(r: redis.Redis) -> int:
+    return int(r.info("commandstats").get("cmdstat_unsubscribe", {}).get("calls", 0))
 
 
 @pytest.fixture
@@ -66,133 +73,108 @@ def waiter(redis_url: str) -> Iterator[ResultWaiter]:
     client.close()
 
 
-def test_own_ids_are_uuids_whose_results_need_no_subscription_of_their_own(
-    r: redis.Redis, waiter: ResultWaiter
-) -> None:
-    ids = [waiter.new_task_id() for _ in range(100)]
-    assert all(UUID4.match(i) for i in ids) and len(set(ids)) == 100
-    assert len({i[:8] for i in ids}) == 1  # one prefix per waiter
-    assert ResultWaiter(r).new_task_id()[:8] != ids[0][:8]
-
-    pending = waiter.expect(ids[0])
-    assert subscribers(r, ids[0]) == 0  # the pattern covers it
-    later(0.1, store, r, ids[0], result={"n": 1}, keep=False)
-    assert waiter.result(pending, timeout=10)["result"] == {"n": 1}
-
-
-def test_an_id_chosen_by_the_caller_gets_a_channel_for_as_long_as_it_waits(
+def test_a_waiter_registered_before_the_send_needs_only_the_published_result(
     r: redis.Redis, waiter: ResultWaiter
 ) -> None:
     task_id = str(uuid.uuid4())
-    later(0.3, store, r, task_id, result="theirs", keep=False)
-    done: list[Any] = []
-    thread = threading.Thread(target=lambda: done.append(waiter.wait(task_id, timeout=10)))
-    thread.start()
-    deadline = time.monotonic() + 5
-    while subscribers(r, task_id) == 0 and not done:
-        assert time.monotonic() < deadline, "no subscription while waiting"
-        time.sleep(0.01)
-    thread.join(10)
-    assert done and done[0]["result"] == "theirs"
-    assert subscribers(r, task_id) == 0
+    pending = waiter.expect(task_id)
+    assert subscribers(r, task_id) == 1
+    later(0.1, store, r, task_id, result={"n": 1}, keep=False)
+    assert waiter.result(pending, timeout=10)["result"] == {"n": 1}
+    eventually(lambda: subscribers(r, task_id) == 0, "the channel was not unsubscribed after the result")
 
 
 def test_a_result_stored_before_the_wait_is_read_and_states_before_the_last_are_skipped(
     r: redis.Redis, waiter: ResultWaiter
 ) -> None:
-    early = waiter.new_task_id()
+    early = str(uuid.uuid4())
     store(r, early, result="early")
     assert waiter.wait(early, timeout=5)["result"] == "early"
 
-    task_id = waiter.new_task_id()
+    task_id = str(uuid.uuid4())
     pending = waiter.expect(task_id)
     store(r, task_id, status="STARTED")
-    later(0.2, store, r, task_id, status="FAILURE", result={"exc_type": "InvalidRequest"})
+    later(0.2, store, r, task_id, status="FAILURE", result={"exc_type": "InvalidRequest"}, keep=False)
     assert waiter.result(pending, timeout=10)["status"] == "FAILURE"
+    eventually(lambda: subscribers(r, early) + subscribers(r, task_id) == 0, "channels left subscribed")
 
 
 def test_a_lost_message_is_found_by_reading_the_key_again(r: redis.Redis, waiter: ResultWaiter) -> None:
-    task_id = waiter.new_task_id()
+    task_id = str(uuid.uuid4())
     pending = waiter.expect(task_id)
     later(0.1, store, r, task_id, result="quiet", publish=False)
     started = time.monotonic()
     assert waiter.result(pending, timeout=RECHECK_S * 3)["result"] == "quiet"
     assert time.monotonic() - started < RECHECK_S * 2
+    assert subscribers(r, task_id) == 0
 
 
 def test_no_result_is_a_timeout_and_leaves_nothing_behind(r: redis.Redis, waiter: ResultWaiter) -> None:
-    for task_id in (waiter.new_task_id(), str(uuid.uuid4())):
-        with pytest.raises(TimeoutError, match=task_id):
-            waiter.wait(task_id, timeout=0.3)
-        assert subscribers(r, task_id) == 0
+    task_id = str(uuid.uuid4())
+    with pytest.raises(TimeoutError, match=task_id):
+        waiter.wait(task_id, timeout=0.3)
+    assert subscribers(r, task_id) == 0
     assert not waiter._waiting
 
 
-def test_many_threads_each_get_their_own_result(r: redis.Redis, waiter: ResultWaiter) -> None:
-    ids = [waiter.new_task_id() for _ in range(64)] + [str(uuid.uuid4()) for _ in range(16)]
+def test_many_threads_each_get_their_own_result_and_the_channels_go_in_few_commands(
+    r: redis.Redis, waiter: ResultWaiter
+) -> None:
+    ids = [str(uuid.uuid4()) for _ in range(80)]
     pending = {task_id: waiter.expect(task_id) for task_id in ids}
+    before = unsubscribe_calls(r)
     with ThreadPoolExecutor(len(ids)) as pool:
         futures = {task_id: pool.submit(waiter.result, pending[task_id], 20.0) for task_id in ids}
-        for task_id in reversed(ids):
-            store(r, task_id, result=task_id, keep=False)
+        with r.pipeline(transaction=False) as pipe:
+            for task_id in reversed(ids):
+                store(pipe, task_id, result=task_id, keep=False)
+            pipe.execute()
         assert all(f.result(timeout=30)["result"] == task_id for task_id, f in futures.items())
     assert not waiter._waiting
+    eventually(lambda: sum(subscribers(r, t) for t in ids) == 0, "channels left subscribed")
+    assert unsubscribe_calls(r) - before < len(ids) / 2  # the listener unsubscribes in batches
 
 
 def test_results_keep_coming_after_the_pubsub_connection_is_dropped(r: redis.Redis, waiter: ResultWaiter) -> None:
-    first = waiter.new_task_id()
-    pending = waiter.expect(first)
-    store(r, first, result=1)
-    assert waiter.result(pending, timeout=10)["result"] == 1
+    waiting = str(uuid.uuid4())
+    pending = waiter.expect(waiting)
     host, port = waiter._pubsub.connection._sock.getsockname()[:2]
     assert r.client_kill_filter(_type="pubsub", addr=f"{host}:{port}") == 1
+    store(r, waiting, result=1)  # published while no one listens: found by a read, or resubscribed
+    assert waiter.result(pending, timeout=RECHECK_S * 3)["result"] == 1
 
-    second = waiter.new_task_id()
-    pending = waiter.expect(second)
-    started = time.monotonic()
-    later(0.1, store, r, second, result=2)
-    assert waiter.result(pending, timeout=RECHECK_S * 3)["result"] == 2
-    assert time.monotonic() - started < RECHECK_S * 2
-
-    third = waiter.new_task_id()  # only published: it arrives once the pattern is subscribed again
-    pending = waiter.expect(third)
-    deadline = time.monotonic() + 10
-    while True:
-        store(r, third, result=3, keep=False)
-        try:
-            assert waiter.result(pending, timeout=0.2)["result"] == 3
-            break
-        except TimeoutError:
-            assert time.monotonic() < deadline, "the pattern was not subscribed again"
-            pending = waiter.expect(third)
+    after = str(uuid.uuid4())  # only published: the listener reads the new connection
+    pending = waiter.expect(after)
+    eventually(lambda: subscribers(r, after) == 1, "not subscribed again", timeout=10)
+    store(r, after, result=2, keep=False)
+    assert waiter.result(pending, timeout=10)["result"] == 2
 
 
-def test_the_async_waiter_serves_its_own_ids_and_the_callers(redis_url: str, r: redis.Redis) -> None:
+def test_the_async_waiter(redis_url: str, r: redis.Redis) -> None:
     async def scenario() -> None:
         client = aioredis.Redis.from_url(redis_url)
         waiter = AsyncResultWaiter(client)
         try:
-            own = [waiter.new_task_id() for _ in range(40)]
-            theirs = [str(uuid.uuid4()) for _ in range(8)]
-            assert all(UUID4.match(i) for i in own)
-            pending = [await waiter.expect(task_id) for task_id in own]
-            assert all(subscribers(r, task_id) == 0 for task_id in own)
-            store(r, theirs[0], result=theirs[0])  # before anyone waits: read from the key
+            before = [str(uuid.uuid4()) for _ in range(40)]  # registered before "sending"
+            after = [str(uuid.uuid4()) for _ in range(8)]  # waited for after
+            pending = [await waiter.expect(task_id) for task_id in before]
+            assert all(subscribers(r, task_id) == 1 for task_id in before)
+            store(r, after[0], result=after[0])  # before anyone waits: read from the key
 
-            async def wait_theirs(task_id: str) -> Any:
+            async def wait_after(task_id: str) -> Any:
                 return (await waiter.wait(task_id, timeout=20))["result"]
 
             waits = [asyncio.ensure_future(waiter.result(p, timeout=20)) for p in pending]
-            waits += [asyncio.ensure_future(wait_theirs(t)) for t in theirs]
+            waits += [asyncio.ensure_future(wait_after(t)) for t in after]
             await asyncio.sleep(0.2)
-            for task_id in own + theirs[1:]:
+            for task_id in before + after[1:]:
                 store(r, task_id, result=task_id, keep=False)
             results = await asyncio.wait_for(asyncio.gather(*waits), 30)
-            assert [m["result"] for m in results[: len(own)]] == own
-            assert results[len(own) :] == theirs
-            assert not waiter._waiting and all(subscribers(r, t) == 0 for t in theirs)
+            assert [m["result"] for m in results[: len(before)]] == before
+            assert results[len(before) :] == after
+            assert not waiter._waiting and all(subscribers(r, t) == 0 for t in before + after)
             with pytest.raises(TimeoutError):
-                await waiter.wait(waiter.new_task_id(), timeout=0.2)
+                await waiter.wait(str(uuid.uuid4()), timeout=0.2)
         finally:
             await waiter.close()
             await client.aclose()
