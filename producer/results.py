@@ -154,6 +154,10 @@ class AsyncResultWaiter:
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        # one command on the pub/sub connection at a time: redis-py's asyncio PubSub opens
+        # its connection on first use, and coroutines subscribing together would each open
+        # one (all but the last left unread, their subscriptions lost)
+        self._commands = asyncio.Lock()
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._listener: asyncio.Task[None] | None = None
 
@@ -161,7 +165,8 @@ class AsyncResultWaiter:
         pending = Pending(task_id, RESULT_PREFIX + task_id)
         self._waiting[pending.key] = asyncio.get_running_loop().create_future()
         try:
-            await self._pubsub.subscribe(pending.key)
+            async with self._commands:
+                await self._pubsub.subscribe(pending.key)
             if self._listener is None or self._listener.done():
                 self._listener = asyncio.create_task(self._listen(), name="result-listener")
         except BaseException:
@@ -189,7 +194,8 @@ class AsyncResultWaiter:
 
     async def forget(self, pending: Pending) -> None:
         if self._waiting.pop(pending.key, None) is not None:
-            await self._pubsub.unsubscribe(pending.key)
+            async with self._commands:
+                await self._pubsub.unsubscribe(pending.key)
 
     async def _listen(self) -> None:
         while self._waiting:

@@ -180,3 +180,27 @@ def test_the_async_waiter(redis_url: str, r: redis.Redis) -> None:
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_the_async_waiter_subscribes_many_at_once_over_one_connection(redis_url: str, r: redis.Redis) -> None:
+    """64 coroutines registering together on a new waiter (a web app's first burst)."""
+
+    async def scenario() -> None:
+        name = f"waiter-{uuid.uuid4().hex[:8]}"
+        client = aioredis.Redis.from_url(redis_url, client_name=name)
+        waiter = AsyncResultWaiter(client)
+        try:
+            ids = [str(uuid.uuid4()) for _ in range(64)]
+            pending = await asyncio.wait_for(asyncio.gather(*(waiter.expect(t) for t in ids)), 10)
+            waits = [asyncio.ensure_future(waiter.result(p, timeout=5)) for p in pending]
+            for task_id in ids:
+                store(r, task_id, result=task_id, keep=False)
+            results = await asyncio.wait_for(asyncio.gather(*waits), 10)
+            assert [m["result"] for m in results] == ids
+            connections = [c for c in r.client_list() if c["name"] == name]
+            assert len(connections) <= 2  # the pub/sub one, and one for commands
+        finally:
+            await waiter.close()
+            await client.aclose()
+
+    asyncio.run(scenario())
