@@ -18,10 +18,13 @@ for scale. Run by hand (not a test)::
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -59,8 +62,6 @@ def stand_in(redis_url: str, queue: str) -> None:
 def process_cpu(pid: int) -> float:
     """User+system CPU seconds of another process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os
-
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -85,8 +86,6 @@ class EventLoop:
     asyncio client's connections and listener live on it between rounds."""
 
     def __init__(self) -> None:
-        import threading
-
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="event-loop", daemon=True)
         self._thread.start()
@@ -133,7 +132,7 @@ def main() -> None:
     p.add_argument("--producers", type=int, default=64, help="concurrent producer threads (or coroutines)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of all paths in turns (medians reported)")
     p.add_argument("--load-timeout", type=float, default=600.0, help="seconds one load may take in all")
-    p.add_argument("--stand-in", nargs=2, metavar=("URL", "QUEUE"), help=argparse_hidden())
+    p.add_argument("--stand-in", nargs=2, metavar=("URL", "QUEUE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.stand_in:
         stand_in(*args.stand_in)
@@ -221,12 +220,6 @@ between the paths. Producer CPU is this process's (user+system) over the load; i
 the machine with the stand-in and Redis. Medians over rounds; "per round" lists each.
 """
     h.report("bench_producer", "Producer: the client's own cost per request", body, args)
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
