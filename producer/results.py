@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
 
 RESULT_PREFIX = "celery-task-meta-"
 FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
@@ -130,7 +133,10 @@ class ResultWaiter:
             except Exception:
                 if self._closed:
                     return
-                raise
+                # keep listening: without the listener every result would wait for a re-read
+                log.exception("result listener failed; listening again in 0.5 s")
+                time.sleep(0.5)
+                continue
             key, meta = _result_message(message)
             waiter = self._waiting.get(key) if meta is not None else None
             if waiter is not None and not waiter[1]:

@@ -150,6 +150,30 @@ def test_results_keep_coming_after_the_pubsub_connection_is_dropped(r: redis.Red
     assert waiter.result(pending, timeout=10)["result"] == 2
 
 
+def test_the_listener_outlives_an_unexpected_error(
+    r: redis.Redis, waiter: ResultWaiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = str(uuid.uuid4())
+    pending = waiter.expect(first)  # the listener runs
+    real, raised = waiter._pubsub.get_message, threading.Event()
+
+    def failing_once(**kwargs: Any) -> Any:
+        if not raised.is_set():
+            raised.set()
+            raise ValueError("a parser bug")
+        return real(**kwargs)
+
+    monkeypatch.setattr(waiter._pubsub, "get_message", failing_once)
+    store(r, first, result=1)
+    assert waiter.result(pending, timeout=RECHECK_S * 3)["result"] == 1
+    assert raised.wait(5)
+
+    second = str(uuid.uuid4())  # only published: someone must still be listening
+    pending = waiter.expect(second)
+    store(r, second, result=2, keep=False)
+    assert waiter.result(pending, timeout=10)["result"] == 2
+
+
 def test_the_async_waiter(redis_url: str, r: redis.Redis) -> None:
     async def scenario() -> None:
         client = aioredis.Redis.from_url(redis_url)
