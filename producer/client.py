@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -54,6 +55,12 @@ def decode_result(meta: dict[str, Any]) -> dict[str, Any]:
     raise TaskFailed(f"{exc_type}: {message}", exc_type)
 
 
+@dataclass
+class _AsyncSide:
+    redis: aioredis.Redis
+    waiter: AsyncResultWaiter | None = None
+
+
 class InferenceClient:
     """One per process; thread-safe for sending, cheap to share."""
 
@@ -76,8 +83,9 @@ class InferenceClient:
             self.celery.conf.broker_transport = transport  # one Redis client for all sends
         self._redis = redis.Redis.from_url(redis_url)
         self._waiter = ResultWaiter(self._redis)
-        self._aredis: aioredis.Redis | None = None
-        self._awaiter: AsyncResultWaiter | None = None
+        # the asyncio side, one per event loop: redis-py's asyncio connections (and the
+        # waiter's listener task) belong to the loop they were made on
+        self._async: dict[asyncio.AbstractEventLoop, _AsyncSide] = {}
 
     # -- sending ------------------------------------------------------------------------
 
@@ -209,12 +217,13 @@ class InferenceClient:
         """Replay and follow a stream, for a reader that came late or reconnects."""
         return read_stream(self._redis, task_id, after_seq=after_seq, timeout=timeout or self.timeouts["generate"])
 
-    def aread_stream(
+    async def aread_stream(
         self, task_id: str, after_seq: int = -1, timeout: float | None = None
     ) -> AsyncIterator[dict[str, Any]]:
-        return aread_stream(
+        async for message in aread_stream(
             self._async_redis(), task_id, after_seq=after_seq, timeout=timeout or self.timeouts["generate"]
-        )
+        ):
+            yield message
 
     def cancel(self, task_id: str, ttl: int = 3600) -> None:
         """Stop a running generation (or keep a queued one from starting): CONTRACT §5."""
@@ -225,15 +234,25 @@ class InferenceClient:
         await self._async_redis().set("cancel:" + task_id, "1", ex=ttl)
         await asyncio.to_thread(self.celery.control.revoke, task_id)
 
+    def _async_side(self) -> _AsyncSide:
+        loop = asyncio.get_running_loop()
+        side = self._async.get(loop)
+        if side is None:
+            # a loop closed without aclose() (a script's second asyncio.run, a test's own
+            # loop): its connections can no longer be closed from a loop, so let them go
+            for old in [old for old in self._async if old.is_closed()]:
+                del self._async[old]
+            side = self._async[loop] = _AsyncSide(aioredis.Redis.from_url(self.redis_url))
+        return side
+
     def _async_waiter(self) -> AsyncResultWaiter:
-        if self._awaiter is None:
-            self._awaiter = AsyncResultWaiter(self._async_redis())
-        return self._awaiter
+        side = self._async_side()
+        if side.waiter is None:
+            side.waiter = AsyncResultWaiter(side.redis)
+        return side.waiter
 
     def _async_redis(self) -> aioredis.Redis:
-        if self._aredis is None:
-            self._aredis = aioredis.Redis.from_url(self.redis_url)
-        return self._aredis
+        return self._async_side().redis
 
     def close(self) -> None:
         self._waiter.close()
@@ -241,11 +260,11 @@ class InferenceClient:
         self.celery.close()
 
     async def aclose(self) -> None:
-        """Close every connection, the asyncio ones included."""
-        if self._awaiter is not None:
-            await self._awaiter.close()
-            self._awaiter = None
-        if self._aredis is not None:
-            await self._aredis.aclose()
-            self._aredis = None
+        """Close every connection: the running event loop's asyncio ones, then the rest.
+        (Another loop's asyncio connections go with that loop.)"""
+        side = self._async.pop(asyncio.get_running_loop(), None)
+        if side is not None:
+            if side.waiter is not None:
+                await side.waiter.close()
+            await side.redis.aclose()
         self.close()

@@ -4,6 +4,7 @@ backend stores them (SET the key, then PUBLISH on the key's channel); no worker 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -228,3 +229,43 @@ def test_the_async_waiter_subscribes_many_at_once_over_one_connection(redis_url:
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+@contextlib.contextmanager
+def answering(redis_url: str, queue: str) -> Iterator[None]:
+    """A stand-in worker thread: answers each `embed` message on ``queue`` by publishing a
+    result (never storing it, so only a subscriber gets it)."""
+    stop = threading.Event()
+
+    def serve() -> None:
+        client = redis.Redis.from_url(redis_url)
+        while not stop.is_set():
+            got = client.brpop([queue], timeout=0.2)
+            if got is not None:
+                task_id = json.loads(got[1])["headers"]["id"]
+                store(client, task_id, result={"embeddings": [[1.0]]}, keep=False)
+        client.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_one_client_serves_one_event_loop_after_another(redis_url: str) -> None:
+    """A script's successive asyncio.run calls, or a test suite's loop per test."""
+    from producer import InferenceClient
+
+    queue = f"loops-{uuid.uuid4().hex[:8]}"
+    client = InferenceClient(redis_url)
+    try:
+        with answering(redis_url, queue):
+            for _ in range(3):
+                result = asyncio.run(asyncio.wait_for(client.aembed("m", "hi", queue=queue), 10))
+                assert result == {"embeddings": [[1.0]]}
+        assert len(client._async) == 1  # the closed loops' connections were let go
+    finally:
+        client.close()
