@@ -83,7 +83,11 @@ class ResultWaiter:
             if self._closed:
                 raise RuntimeError("the result waiter is closed")
             self._waiting[pending.key] = (threading.Event(), [])
-            self._pubsub.subscribe(pending.key)
+            try:
+                self._pubsub.subscribe(pending.key)
+            except BaseException:
+                del self._waiting[pending.key]  # Redis unreachable: the caller sees the error
+                raise
             if self._thread is None:
                 self._thread = threading.Thread(target=self._listen, name="result-listener", daemon=True)
                 self._thread.start()

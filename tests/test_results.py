@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
@@ -269,3 +270,16 @@ def test_one_client_serves_one_event_loop_after_another(redis_url: str) -> None:
         assert len(client._async) == 1  # the closed loops' connections were let go
     finally:
         client.close()
+
+
+def test_an_unreachable_redis_is_an_error_at_once_and_leaves_nothing_behind() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1)
+    waiter = ResultWaiter(client)
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        waiter.expect(str(uuid.uuid4()))
+    assert time.monotonic() - started < 5 and not waiter._waiting
+    waiter.close()
