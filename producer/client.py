@@ -19,6 +19,7 @@ from celery import Celery
 
 from models.errors import InferenceError, InvalidRequest, TimeLimitReached, TransientError, WorkerError
 from producer.broker import transport_for
+from producer.messages import origin, task_message
 from producer.results import AsyncResultWaiter, ResultWaiter
 from producer.streams import STREAM_PREFIX, aread_stream, read_stream
 
@@ -79,8 +80,13 @@ class InferenceClient:
             result_accept_content=["json"],
             broker_connection_retry_on_startup=True,
         )
-        if transport := transport_for(redis_url):
-            self.celery.conf.broker_transport = transport  # one Redis client for all sends
+        # on a plain Redis broker the client writes the task message itself, one LPUSH
+        # (producer/messages.py); other broker URLs (Sentinel, sockets) send through Celery
+        self._direct = transport_for(redis_url) is not None
+        if self._direct:
+            self.celery.conf.broker_transport = transport_for(redis_url)
+        self._sender = origin()
+        self._reply_to = str(uuid.uuid4())
         self._redis = redis.Redis.from_url(redis_url)
         self._waiter = ResultWaiter(self._redis)
         # the asyncio side, one per event loop: redis-py's asyncio connections (and the
@@ -94,13 +100,25 @@ class InferenceClient:
     ) -> str:
         """Enqueue ``task`` for ``model`` on its queue (by default the alias); returns the task id."""
         task_id = task_id or str(uuid.uuid4())
-        self.celery.send_task(task, kwargs={"model": model, **kwargs}, queue=queue or model, task_id=task_id)
+        queue = queue or model
+        if self._direct:
+            self._redis.lpush(queue, self._message(task, task_id, {"model": model, **kwargs}, queue))
+        else:
+            self.celery.send_task(task, kwargs={"model": model, **kwargs}, queue=queue, task_id=task_id)
         return task_id
 
     async def asend(
         self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any
     ) -> str:
-        return await asyncio.to_thread(self.send, task, model=model, queue=queue, task_id=task_id, **kwargs)
+        if not self._direct:  # Celery's send blocks on the broker
+            return await asyncio.to_thread(self.send, task, model=model, queue=queue, task_id=task_id, **kwargs)
+        task_id = task_id or str(uuid.uuid4())
+        queue = queue or model
+        await self._async_redis().lpush(queue, self._message(task, task_id, {"model": model, **kwargs}, queue))
+        return task_id
+
+    def _message(self, task: str, task_id: str, kwargs: dict[str, Any], queue: str) -> bytes:
+        return task_message(task, task_id, kwargs, queue, sender=self._sender, reply_to=self._reply_to)
 
     # -- waiting ------------------------------------------------------------------------
 
