@@ -101,6 +101,20 @@ def test_a_result_stored_before_the_wait_is_read_and_states_before_the_last_are_
     eventually(lambda: subscribers(r, early) + subscribers(r, task_id) == 0, "channels left subscribed")
 
 
+def test_results_in_any_json_celery_writes_are_read(r: redis.Redis, waiter: ResultWaiter) -> None:
+    """Celery's JSON writes a float NaN or infinity as the bare words, which strict JSON
+    parsers refuse; a result holding one still arrives, published or stored."""
+    result = {"scores": [float("nan"), float("inf"), -0.5], "text": "naïve 東京"}
+    published, stored = str(uuid.uuid4()), str(uuid.uuid4())
+    pending = waiter.expect(published)
+    later(0.1, store, r, published, result=result, keep=False)
+    store(r, stored, result=result)
+    for got in (waiter.result(pending, timeout=10)["result"], waiter.wait(stored, timeout=10)["result"]):
+        nan, inf, rest = got["scores"]
+        assert nan != nan and inf == float("inf") and rest == -0.5
+        assert got["text"] == result["text"]
+
+
 def test_a_lost_message_is_found_by_reading_the_key_again(r: redis.Redis, waiter: ResultWaiter) -> None:
     task_id = str(uuid.uuid4())
     pending = waiter.expect(task_id)
