@@ -120,9 +120,13 @@ class ResultWaiter:
 
     def forget(self, pending: Pending) -> None:
         """Stop waiting. A delivered result's channel is left to the listener to unsubscribe."""
+        # the usual case, a delivered result, takes no lock: the pop is atomic, and the
+        # lock is held by pub/sub commands (a subscribe, the listener's batched unsubscribe)
+        waiter = self._waiting.pop(pending.key, None)
+        if waiter is None or waiter[1]:
+            return
         with self._lock:
-            waiter = self._waiting.pop(pending.key, None)
-            if waiter is not None and not waiter[1] and not self._closed:
+            if not self._closed:
                 self._pubsub.unsubscribe(pending.key)
 
     def _listen(self) -> None:
