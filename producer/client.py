@@ -85,7 +85,6 @@ class InferenceClient:
         self._direct = transport_for(redis_url) is not None
         if self._direct:
             self.celery.conf.broker_transport = transport_for(redis_url)
-        self._sender = origin()
         self._reply_to = str(uuid.uuid4())
         self._redis = redis.Redis.from_url(redis_url)
         self._waiter = ResultWaiter(self._redis)
@@ -118,7 +117,7 @@ class InferenceClient:
         return task_id
 
     def _message(self, task: str, task_id: str, kwargs: dict[str, Any], queue: str) -> bytes:
-        return task_message(task, task_id, kwargs, queue, sender=self._sender, reply_to=self._reply_to)
+        return task_message(task, task_id, kwargs, queue, sender=origin(), reply_to=self._reply_to)
 
     # -- waiting ------------------------------------------------------------------------
 

@@ -31,9 +31,17 @@ _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 REPR_MAXSIZE = 1024
 
 
+_origin: tuple[int, str] = (0, "")
+
+
 def origin() -> str:
-    """The sender's name in the ``origin`` header, as Celery writes it (``anon_nodename``)."""
-    return f"gen{os.getpid()}@{socket.gethostname()}"
+    """The sender's name in the ``origin`` header, as Celery writes it (``anon_nodename``):
+    this process's, also after a fork."""
+    global _origin
+    pid = os.getpid()
+    if _origin[0] != pid:
+        _origin = (pid, f"gen{pid}@{socket.gethostname()}")
+    return _origin[1]
 
 
 def _json(value: Any) -> bytes:
@@ -45,9 +53,7 @@ def _json(value: Any) -> bytes:
         return kombu_dumps(value).encode()
 
 
-def task_message(
-    task: str, task_id: str, kwargs: dict[str, Any], queue: str, *, sender: str, reply_to: str
-) -> bytes:
+def task_message(task: str, task_id: str, kwargs: dict[str, Any], queue: str, *, sender: str, reply_to: str) -> bytes:
     """The Redis list entry for ``task(**kwargs)`` on ``queue``: what ``send_task(task,
     kwargs=kwargs, queue=queue, task_id=task_id)`` stores with the JSON serializer."""
     body = _json([[], kwargs, _EMBED])

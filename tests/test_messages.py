@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import multiprocessing
+import os
+import socket
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -18,7 +21,7 @@ import redis
 from celery import Celery
 
 from producer import InferenceClient
-from producer.messages import task_message
+from producer.messages import origin, task_message
 
 # differ between any two sends, whoever makes them
 PER_SEND = ("delivery_tag", "reply_to")
@@ -27,8 +30,16 @@ KWARGS: list[dict[str, Any]] = [
     {"model": "minilm", "input": "hello"},
     {"model": "minilm", "input": ["naïve café — 東京", "  extra   spaces  ", "\u2028", ""], "normalize": False},
     {"model": "rr", "query": "q", "documents": ["d" * 5000] * 3, "top_n": 2, "return_documents": True},
-    {"model": "lm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0.0,
-     "stop": ["\n"], "seed": 3, "stream": True, "logit_bias": None},
+    {
+        "model": "lm",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "stop": ["\n"],
+        "seed": 3,
+        "stream": True,
+        "logit_bias": None,
+    },
     {"model": "m", "input": "x", "big": 2**70, "price": Decimal("1.10"), "by_id": {1: "a"}},
 ]
 
@@ -98,3 +109,15 @@ def test_each_message_has_its_own_delivery_tag() -> None:
     one = json.loads(task_message("embed", "t", {"model": "m"}, "q", sender="s", reply_to="r"))
     two = json.loads(task_message("embed", "t", {"model": "m"}, "q", sender="s", reply_to="r"))
     assert one["properties"]["delivery_tag"] != two["properties"]["delivery_tag"]
+
+
+def _child_origin(_: int) -> tuple[int, str]:
+    return os.getpid(), origin()
+
+
+def test_the_origin_header_names_the_sending_process_also_after_a_fork() -> None:
+    parent = origin()  # cached in this process before the fork
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        pid, child = pool.map(_child_origin, [0])[0]
+    assert parent == f"gen{os.getpid()}@{socket.gethostname()}"
+    assert child == f"gen{pid}@{socket.gethostname()}" != parent
