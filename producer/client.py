@@ -82,9 +82,10 @@ class InferenceClient:
         )
         # on a plain Redis broker the client writes the task message itself, one LPUSH
         # (producer/messages.py); other broker URLs (Sentinel, sockets) send through Celery
-        self._direct = transport_for(redis_url) is not None
-        if self._direct:
-            self.celery.conf.broker_transport = transport_for(redis_url)
+        transport = transport_for(redis_url)
+        self._direct = transport is not None
+        if transport:
+            self.celery.conf.broker_transport = transport  # one Redis client for all sends
         self._reply_to = str(uuid.uuid4())
         self._redis = redis.Redis.from_url(redis_url)
         self._waiter = ResultWaiter(self._redis)
@@ -98,12 +99,12 @@ class InferenceClient:
         self, task: str, *, model: str, queue: str | None = None, task_id: str | None = None, **kwargs: Any
     ) -> str:
         """Enqueue ``task`` for ``model`` on its queue (by default the alias); returns the task id."""
-        task_id = task_id or str(uuid.uuid4())
-        queue = queue or model
-        if self._direct:
-            self._redis.lpush(queue, self._message(task, task_id, {"model": model, **kwargs}, queue))
-        else:
-            self.celery.send_task(task, kwargs={"model": model, **kwargs}, queue=queue, task_id=task_id)
+        if not self._direct:
+            task_id = task_id or str(uuid.uuid4())
+            self.celery.send_task(task, kwargs={"model": model, **kwargs}, queue=queue or model, task_id=task_id)
+            return task_id
+        queue, task_id, message = self._message(task, model, queue, task_id, kwargs)
+        self._redis.lpush(queue, message)
         return task_id
 
     async def asend(
@@ -111,13 +112,17 @@ class InferenceClient:
     ) -> str:
         if not self._direct:  # Celery's send blocks on the broker
             return await asyncio.to_thread(self.send, task, model=model, queue=queue, task_id=task_id, **kwargs)
-        task_id = task_id or str(uuid.uuid4())
-        queue = queue or model
-        await self._async_redis().lpush(queue, self._message(task, task_id, {"model": model, **kwargs}, queue))
+        queue, task_id, message = self._message(task, model, queue, task_id, kwargs)
+        await self._async_redis().lpush(queue, message)
         return task_id
 
-    def _message(self, task: str, task_id: str, kwargs: dict[str, Any], queue: str) -> bytes:
-        return task_message(task, task_id, kwargs, queue, sender=origin(), reply_to=self._reply_to)
+    def _message(
+        self, task: str, model: str, queue: str | None, task_id: str | None, kwargs: dict[str, Any]
+    ) -> tuple[str, str, bytes]:
+        """(queue, task id, the message to push on the queue's list)."""
+        queue, task_id = queue or model, task_id or str(uuid.uuid4())
+        kwargs = {"model": model, **kwargs}
+        return queue, task_id, task_message(task, task_id, kwargs, queue, sender=origin(), reply_to=self._reply_to)
 
     # -- waiting ------------------------------------------------------------------------
 
