@@ -65,7 +65,16 @@ class _AsyncSide:
 class InferenceClient:
     """One per process; thread-safe for sending, cheap to share."""
 
-    def __init__(self, redis_url: str = "redis://127.0.0.1:6379/0", timeouts: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str = "redis://127.0.0.1:6379/0",
+        timeouts: dict[str, float] | None = None,
+        *,
+        send_via_celery: bool = False,
+    ) -> None:
+        """``send_via_celery``: send with Celery's ``send_task`` even on a Redis broker, so
+        that its publish signals run (``before_task_publish``: tracing instrumentation, for
+        example) at about 0.5 ms more CPU per send."""
         self.redis_url = redis_url
         self.timeouts = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
         # no Celery result backend here: results are awaited by our own waiter below. With
@@ -83,7 +92,7 @@ class InferenceClient:
         # on a plain Redis broker the client writes the task message itself, one LPUSH
         # (producer/messages.py); other broker URLs (Sentinel, sockets) send through Celery
         transport = transport_for(redis_url)
-        self._direct = transport is not None
+        self._direct = transport is not None and not send_via_celery
         if transport:
             self.celery.conf.broker_transport = transport  # one Redis client for all sends
         self._reply_to = str(uuid.uuid4())

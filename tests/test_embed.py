@@ -70,10 +70,12 @@ def test_normalize_false_keeps_the_pooled_norm(embed_worker: Any, producer: Cele
     assert abs(np.linalg.norm(result["embeddings"][0]) - 1.0) < 1e-5
 
 
-def test_project_client_sync_and_async(embed_worker: Any, redis_url: str, oracle: Any) -> None:
+@pytest.mark.parametrize("send_via_celery", [False, True], ids=["own-messages", "send_task"])
+def test_project_client_sync_and_async(embed_worker: Any, redis_url: str, oracle: Any, send_via_celery: bool) -> None:
     from producer import InferenceClient, InvalidRequest
 
-    client = InferenceClient(redis_url)
+    client = InferenceClient(redis_url, send_via_celery=send_via_celery)
+    assert client._direct is not send_via_celery
     sync = client.embed("minilm", ["hello world"], queue=queue_name("minilm"))
 
     async def both() -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.signals import before_task_publish
 
 from producer import InferenceClient
 from producer.messages import origin, task_message
@@ -121,3 +122,28 @@ def test_the_origin_header_names_the_sending_process_also_after_a_fork() -> None
         pid, child = pool.map(_child_origin, [0])[0]
     assert parent == f"gen{os.getpid()}@{socket.gethostname()}"
     assert child == f"gen{pid}@{socket.gethostname()}" != parent
+
+
+def test_send_via_celery_runs_celerys_publish_signals(redis_client: redis.Redis, redis_url: str) -> None:
+    """For instrumentation that hooks ``before_task_publish`` (tracing): the option sends
+    through ``send_task``; the default does not."""
+    queue = f"test-messages-{uuid.uuid4().hex[:8]}"
+    published: list[str] = []
+
+    def seen(sender: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        published.append((headers or {}).get("id"))
+
+    before_task_publish.connect(seen, weak=False)
+    sent = {}
+    try:
+        for via_celery in (False, True):
+            client = InferenceClient(redis_url, send_via_celery=via_celery)
+            try:
+                sent[via_celery] = client.send("embed", model="m", queue=queue, input="x")
+            finally:
+                client.close()
+        assert redis_client.llen(queue) == 2
+    finally:
+        before_task_publish.disconnect(seen)
+        redis_client.delete(queue)
+    assert published == [sent[True]]
