@@ -537,7 +537,7 @@ def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from models.packed import PackedBert, available_linears, unpack
+    from models.packed import MATMUL_ATTENTION_WIDTH, PackedBert, available_linears, unpack
     from models.pooling import PoolingConfig, pool
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
@@ -561,6 +561,13 @@ def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None
         worst = packed.matches(items, dict(padded), atol=1e-5)
         assert worst is not None and worst > 0, gemm  # a real comparison, within float32 rounding
     packed.use("torch")
+    # the short rows alone: their attention takes the unfused path (the long row above, the
+    # fused kernel)
+    short = [item for item in items if len(item["input_ids"]) <= MATMUL_ATTENTION_WIDTH]
+    assert 2 <= len(short) < len(items) and max(len(item["input_ids"]) for item in items) > MATMUL_ATTENTION_WIDTH
+    short_padded = tokenizer.pad({"input_ids": [item["input_ids"] for item in short]}, return_tensors="pt")
+    worst = packed.matches(short, dict(short_padded), atol=1e-5)
+    assert worst is not None and worst > 0
 
     hidden, lengths = packed.hidden_states(items)
     assert lengths == [len(ids) for ids in encoded["input_ids"]] and hidden.shape[0] == sum(lengths)
@@ -589,7 +596,7 @@ def test_the_packed_classifier_heads_equal_the_models_own(task: str, test_models
     import torch
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
-    from models.packed import PackedBert, available_linears
+    from models.packed import MATMUL_ATTENTION_WIDTH, PackedBert, available_linears
 
     path = test_models[task]
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -617,6 +624,10 @@ def test_the_packed_classifier_heads_equal_the_models_own(task: str, test_models
             assert out.shape == expected.shape
             assert float(np.abs(out - expected).max()) <= 1e-5 * scale, (gemm, row)
         assert packed.matches(items, padded, atol=1e-5) is not None
+        # the three short rows alone, on the unfused attention for short rows
+        short = {k: v[:3, : max(len(ids) for ids in encoded["input_ids"][:3])] for k, v in padded.items()}
+        assert short["input_ids"].shape[1] <= MATMUL_ATTENTION_WIDTH < padded["input_ids"].shape[1]
+        assert packed.matches(items[:3], short, atol=1e-5) is not None, gemm
 
 
 @pytest.mark.parametrize(
