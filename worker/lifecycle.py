@@ -18,6 +18,7 @@ from celery import bootsteps
 from celery.signals import setup_logging, worker_process_init, worker_process_shutdown, worker_ready
 
 from models.registry import registry
+from worker import memory
 from worker.celery_app import app, current_settings
 from worker.logging import configure_logging
 from worker.runtimes import build_runtime
@@ -57,6 +58,8 @@ def openmp_spincount(settings: WorkerSettings, environ: dict[str, str]) -> str |
 
 def load_models(settings: WorkerSettings) -> None:
     """Load, warm and register every hosted model; any failure stops the worker."""
+    # before the compute threads exist: they would take malloc arenas of their own
+    retained = memory.apply(settings.retain_memory, os.environ)
     # libgomp reads its settings when it loads, with torch: so before the import below
     if spincount := openmp_spincount(settings, dict(os.environ)):
         os.environ["GOMP_SPINCOUNT"] = spincount
@@ -80,6 +83,8 @@ def load_models(settings: WorkerSettings) -> None:
         t2 = time.perf_counter()
         registry.add(runtime)
         bound.info("model.ready", load_s=round(t1 - t0, 3), warmup_s=round(t2 - t1, 3), **runtime.describe())
+    if retained:
+        log.info("worker.memory_released", mib=round(memory.release_free_pages() / 2**20, 1))
     registry.mark_ready()
 
 

@@ -177,6 +177,11 @@ class WorkerSettings(BaseSettings):
     result_expires: int = Field(86400, ge=60, description="Seconds results stay in Redis.")
     stream_ttl: int = Field(3600, ge=1, description="Seconds a token Stream lives after its last message.")
     threads_per_worker: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's.")
+    retain_memory: bool = Field(
+        True,
+        description="glibc only: keep freed memory in the process for the next forward pass (one malloc arena, "
+        "no mapped blocks, trim at 1 GiB) rather than page-faulting it back in (worker/memory.py).",
+    )
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal.")
     log_level: str = Field("INFO")
 
