@@ -279,6 +279,11 @@ class Worker:
         t = proc.cpu_times()
         return t.user + t.system + t.children_user + t.children_system
 
+    def minor_faults(self) -> int:
+        """Minor page faults of the worker process so far (``/proc/<pid>/stat``; Linux)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         if self.proc is None:
             return None

@@ -9,6 +9,9 @@ token classifier. Measured in one run, the paths of a task taking turns (never t
   - the one-pair-at-a-time loop on the raw HF model (AutoModelForSequenceClassification,
     a batch of 1 per pair, sigmoid of the logit);
   - ``sentence_transformers.CrossEncoder(path).predict(pairs)`` (its default batch size);
+* rerank of P passages of 107-289 tokens (default 64), the length of retrieved passages
+  in a RAG pipeline: the same three paths, and a second worker with ``retain_memory:
+  false`` (worker/memory.py), with each worker's page faults per request;
 * ner of T texts (default 32):
   - one ``ner`` request with the list, through the worker;
   - ``pipeline("token-classification", aggregation_strategy="simple")`` called once per text;
@@ -86,6 +89,13 @@ def make_documents(n: int, seed: int = 11) -> list[str]:
     ]
 
 
+def make_passages(n: int, seed: int = 3) -> list[str]:
+    """Passages of 6-14 of the short documents each: 107-289 tokens as pairs with QUERY."""
+    rng = random.Random(seed)
+    pool = make_documents(400)
+    return [" ".join(rng.sample(pool, rng.randint(6, 14))) for _ in range(n)]
+
+
 def make_ner_texts(n: int, seed: int = 13) -> list[str]:
     rng = random.Random(seed)
     out = []
@@ -161,7 +171,9 @@ def gemm_paths(config: Any, rows: int, args: Any) -> tuple[dict[str, Any], dict[
     return paths, {name: ffn if name.endswith("ffn") else square for name in paths}
 
 
-def measure(paths: dict[str, str], docs: list[str], texts: list[str], args: Any, workdir: Path) -> dict[str, Any]:
+def measure(
+    paths: dict[str, str], docs: list[str], texts: list[str], passages: list[str], args: Any, workdir: Path
+) -> dict[str, Any]:
     """Every path of a task in turns (rounds of worker, raw loop, library batched call)."""
     import torch
     from sentence_transformers import CrossEncoder
@@ -176,11 +188,11 @@ def measure(paths: dict[str, str], docs: list[str], texts: list[str], args: Any,
     )
     pairs = [(QUERY, d) for d in docs]
 
-    def loop_pairs() -> list[float]:
+    def loop_pairs(documents: list[str] = docs) -> list[float]:
         """The raw HF model, one (query, document) pair per forward pass."""
         scores = []
         with torch.inference_mode():
-            for doc in docs:
+            for doc in documents:
                 enc = tok(QUERY, doc, return_tensors="pt", truncation=True).to(device)
                 scores.append(float(torch.sigmoid(hf(**enc).logits[0, 0])))
         return scores
@@ -197,7 +209,7 @@ def measure(paths: dict[str, str], docs: list[str], texts: list[str], args: Any,
     try:
         with h.running_worker(
             "rerank-ner", models, redis_url=args.redis_url, workdir=workdir, boot_timeout=args.boot_timeout, **settings
-        ):
+        ) as worker:
             rq, nq = models["reranker"]["queue"], models["ner"]["queue"]
             h.log(f"rerank, {len(docs)} documents: worker, one-pair loop, CrossEncoder in turns, {args.reps} rounds")
             out["rerank"] = h.timed_in_turns(
@@ -240,8 +252,70 @@ def measure(paths: dict[str, str], docs: list[str], texts: list[str], args: Any,
             )
             out["ner_entities"] = client.ner("ner", texts, queue=nq, timeout=args.task_timeout)["entities"]
             out["ner_ref"] = [pipe(t) for t in texts]
+
+            if passages:
+                out["passage_lengths"] = [len(tok(QUERY, d, truncation=True)["input_ids"]) for d in passages]
+                out.update(
+                    measure_passages(worker, models["reranker"], client, ce, loop_pairs, passages, args, workdir)
+                )
     finally:
         client.close()
+    return out
+
+
+def measure_passages(
+    worker: Any,
+    spec: dict[str, Any],
+    client: Any,
+    ce: Any,
+    loop_pairs: Any,
+    passages: list[str],
+    args: Any,
+    workdir: Path,
+) -> dict[str, Any]:
+    """The long-passage rerank: the worker above, a second one with ``retain_memory:
+    false``, the one-pair loop and ``CrossEncoder.predict``, in turns; and each worker's
+    minor page faults per request over the timed rounds."""
+    settings: dict[str, Any] = {"concurrency": args.concurrency, "device": args.device, "retain_memory": False}
+    if args.threads:
+        settings["threads_per_worker"] = args.threads
+    spec_off = {**spec, "queue": h.unique("rerank-off")}
+    faults = {"worker": 0, "worker_off": 0}
+    out: dict[str, Any] = {}
+    with h.running_worker(
+        "rerank-retain-off",
+        {"reranker": spec_off},
+        redis_url=args.redis_url,
+        workdir=workdir,
+        boot_timeout=args.boot_timeout,
+        **settings,
+    ) as worker_off:
+        processes = {"worker": (worker, spec["queue"]), "worker_off": (worker_off, spec_off["queue"])}
+
+        def call(name: str) -> Any:
+            process, queue = processes[name]
+
+            def run() -> None:
+                before = process.minor_faults()
+                client.rerank("reranker", QUERY, passages, queue=queue, timeout=args.task_timeout)
+                faults[name] += process.minor_faults() - before
+
+            return run
+
+        pairs = [(QUERY, d) for d in passages]
+        h.log(f"rerank, {len(passages)} passages: two workers, one-pair loop, CrossEncoder in turns")
+        out["passages"] = h.timed_in_turns(
+            {
+                "worker": call("worker"),
+                "worker_off": call("worker_off"),
+                "loop": lambda: loop_pairs(passages),
+                "ce": lambda: ce.predict(pairs, show_progress_bar=False),
+            },
+            args.passage_reps,
+            args.warmup,
+        )
+    rounds = args.warmup + args.passage_reps
+    out["passage_faults"] = {name: count / rounds for name, count in faults.items()}
     return out
 
 
@@ -262,6 +336,8 @@ def main() -> None:
     p = h.parser(__doc__.split("\n\n")[0])
     p.add_argument("--documents", type=int, default=100, help="documents in the rerank request")
     p.add_argument("--texts", type=int, default=32, help="texts in the ner request")
+    p.add_argument("--passages", type=int, default=64, help="passages in the long-passage rerank request (0: skip it)")
+    p.add_argument("--passage-reps", type=int, default=5, help="timed repetitions of the long-passage rerank")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions of each (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     p.add_argument("--concurrency", type=int, default=8, help="worker pool threads")
@@ -274,10 +350,11 @@ def main() -> None:
 
     docs = make_documents(args.documents)
     texts = make_ner_texts(args.texts)
+    passages = make_passages(args.passages)
     with h.workdir(args) as wd:
         h.log("building the test rerank/ner models from the bundled MiniLM")
         paths = build_test_models(h.minilm_path(), wd / "models")
-        res = measure(paths, docs, texts, args, wd)
+        res = measure(paths, docs, texts, passages, args, wd)
     rr, nr = res["rerank"], res["ner"]
 
     headers = ["path", "median ms", "min ms", "items/s", "speedup vs one-at-a-time", "time / worker's"]
@@ -361,13 +438,40 @@ one-pair loop's median ({h.ms(loop_m)} ms) by more than **{loop_m / floor:.2f}x*
         )
     else:
         vs_float32 = ""
+    passages_part = ""
+    if "passages" in res:
+        pr = res["passages"]
+        passage_table = table(
+            [
+                ("worker: one `rerank` request", pr["worker"]),
+                ("worker, `retain_memory: false`", pr["worker_off"]),
+                ("HF model, one pair at a time (batch 1)", pr["loop"]),
+                ("CrossEncoder.predict(pairs)", pr["ce"]),
+            ],
+            pr["loop"],
+            pr["worker"],
+            args.passages,
+        )
+        pf = res["passage_faults"]
+        lengths = res["passage_lengths"]
+        passages_part = f"""### Rerank: {args.passages} passages, one query (median of {args.passage_reps})
+
+The passages are {sum(lengths):,} tokens as pairs with the query, {min(lengths)}-{max(lengths)} each.
+
+{passage_table}
+
+Minor page faults per request in the worker process: {pf["worker"]:,.0f} (default, memory
+retained), {pf["worker_off"]:,.0f} (`retain_memory: false`). Two workers run side by side,
+one request at a time.
+
+"""
     bad, worst = ner_mismatches(res["ner_entities"], res["ner_ref"])
     body = f"""### Rerank: {args.documents} documents, one query (median of {args.reps})
 
 {rerank_table}
 
 {bound}
-### NER: {args.texts} texts (median of {args.reps})
+{passages_part}### NER: {args.texts} texts (median of {args.reps})
 
 {ner_table}
 
