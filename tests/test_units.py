@@ -875,3 +875,12 @@ def test_an_operators_own_malloc_settings_win() -> None:
                 {"applied": False, "reason": f"{name} is set"},
                 {"applied": False, "reason": "not glibc"},
             )
+
+
+def test_the_worker_bounds_onednns_primitive_caches_unless_the_operator_did() -> None:
+    from worker.lifecycle import ONEDNN_CACHE_CAPACITY, onednn_cache_settings
+
+    both = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ONEDNN_CACHE_CAPACITY, "LRU_CACHE_CAPACITY": ONEDNN_CACHE_CAPACITY}
+    assert onednn_cache_settings({}) == both
+    assert onednn_cache_settings({"LRU_CACHE_CAPACITY": "1024"}) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
+    assert onednn_cache_settings(dict(both, LRU_CACHE_CAPACITY="8")) == {}
