@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 from collections.abc import Mapping
@@ -79,7 +80,7 @@ def retain_freed_memory(environ: Mapping[str, str]) -> dict[str, object]:
         return {"applied": False, "reason": "not glibc"}
     if (name := operator_setting(environ)) is not None:
         return {"applied": False, "reason": f"{name} is set"}
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = _libc()
     settings = {
         "arena_max": (M_ARENA_MAX, 1),
         "mmap_max": (M_MMAP_MAX, 0),
@@ -108,10 +109,14 @@ def release_free_pages() -> int:
     the models are loaded: what loading freed (copies of the weights, the checkpoint's
     buffers) would otherwise stay resident. Returns the resident bytes released, as far as
     the process's RSS tells."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     before = _rss()
-    libc.malloc_trim(0)
+    _libc().malloc_trim(0)
     return max(0, before - _rss())
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def _rss() -> int:
