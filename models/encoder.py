@@ -126,7 +126,11 @@ class EncoderRuntime:
     def _checked_packed_runner(self) -> PackedBert | None:
         """The padding-free runner, if it applies to this model and gives its results, on
         the faster of the GEMM libraries that give them."""
-        packed = PackedBert.for_model(self.model, self.options.packed_gemm)
+        try:
+            packed = PackedBert.for_model(self.model, self.options.packed_gemm)
+        except RuntimeError as exc:  # e.g. oneDNN cannot reorder float16 weights on this CPU
+            log.warning("encoder.packed_off", model=self.alias, reason=str(exc).split(".")[0])
+            return None
         if packed is None:
             return None
         texts = [
@@ -139,8 +143,8 @@ class EncoderRuntime:
         gemms = [packed.linear] if self.options.packed_gemm != "auto" else available_linears()
         differences: dict[str, float] = {}
         for gemm in gemms:
-            packed.use(gemm)
             try:
+                packed.use(gemm)
                 worst = packed.matches(items, padded)
             except RuntimeError as exc:  # e.g. oneDNN has no float16 GEMM on this CPU
                 log.info("encoder.packed_gemm_unusable", model=self.alias, gemm=gemm, error=str(exc).split(".")[0])
@@ -161,6 +165,7 @@ class EncoderRuntime:
             model=self.alias,
             gemm=packed.linear,
             max_difference=differences[packed.linear],
+            reordered_weights_mib=round(packed.reordered_bytes / 2**20, 1),
             **{f"forward_ms_{gemm}": ms for gemm, ms in timings.items()},
         )
         return packed

@@ -531,6 +531,71 @@ def test_a_cuda_worker_keeps_cudnn_out_of_attention() -> None:
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
+def _attention_paths() -> list:
+    """The packed pass's attention paths for short rows here: torch's operations (None), and
+    the C kernel where it is built and the CPU has AVX-512."""
+    from models.packed import attention_kernel
+
+    return [None] + [kernel for kernel in [attention_kernel()] if kernel is not None]
+
+
+def _has_avx512() -> bool:
+    import platform
+
+    if platform.machine() != "x86_64":
+        return False
+    with open("/proc/cpuinfo") as f:
+        return any(line.startswith("flags") and " avx512f " in f"{line} " for line in f)
+
+
+def test_the_attention_kernel_is_built_where_the_cpu_can_run_it() -> None:
+    """The kernel is an optional part of the install (it goes on without a C compiler), so
+    a failed build would pass unseen but for this: on x86-64 with AVX-512 it must load."""
+    from models.packed import attention_kernel
+
+    if not _has_avx512():
+        assert attention_kernel() is None
+        return
+    assert attention_kernel() is not None, (
+        "models/_packed_attention.c was not built: pip install -e . with a C compiler"
+    )
+
+
+@pytest.mark.parametrize(("heads", "size"), [(12, 32), (3, 16), (2, 64), (1, 128)])
+def test_the_attention_kernel_equals_torchs_attention(heads: int, size: int) -> None:
+    """models/_packed_attention.c against softmax(Q K^T * scale) V per row in torch, on rows
+    of 1 to 64 tokens (whole, partial and single 16-lane blocks), on one thread and two; and
+    what it refuses it refuses whole."""
+    import torch
+
+    from models.packed import _Batch, attention_kernel
+
+    kernel = attention_kernel()
+    if kernel is None:
+        pytest.skip("the attention kernel is not built here or the CPU has no AVX-512")
+    torch.manual_seed(heads * size)
+    lengths = [1, 2, 15, 16, 17, 33, 47, 64, 5]
+    batch, hidden = _Batch.of(lengths), heads * size
+    qkv = torch.randn(sum(lengths), 3 * hidden) * 2
+    scaling = size**-0.5
+    expected = torch.empty(sum(lengths), hidden)
+    for start, n in zip(batch.starts.tolist(), lengths):
+        q, k, v = qkv[start : start + n].view(n, 3, heads, size).permute(1, 2, 0, 3)
+        attention = torch.softmax(q @ k.transpose(-1, -2) * scaling, -1) @ v  # [heads, n, size]
+        expected[start : start + n] = attention.transpose(0, 1).reshape(n, hidden)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            torch.testing.assert_close(kernel(qkv, batch, heads, size, scaling), expected, atol=2e-6, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="refused"):
+        kernel(torch.randn(65, 3 * hidden), _Batch.of([65]), heads, size, scaling)
+    with pytest.raises(RuntimeError, match="refused"):
+        kernel(torch.randn(4, 3 * 24), _Batch.of([4]), 1, 24, scaling)
+
+
 def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None:
     """models/packed.py against the model's own forward pass and pooling, on rows of very
     different lengths (so most of the padded grid is padding), in every pooling mode."""
@@ -561,13 +626,15 @@ def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None
         worst = packed.matches(items, dict(padded), atol=1e-5)
         assert worst is not None and worst > 0, gemm  # a real comparison, within float32 rounding
     packed.use("torch")
-    # the short rows alone: their attention takes the unfused path (the long row above, the
-    # fused kernel)
+    # the short rows alone: their attention takes the C kernel where built, else torch's
+    # unfused path (the long row above, torch's fused kernel); both are checked
     short = [item for item in items if len(item["input_ids"]) <= MATMUL_ATTENTION_WIDTH]
     assert 2 <= len(short) < len(items) and max(len(item["input_ids"]) for item in items) > MATMUL_ATTENTION_WIDTH
     short_padded = tokenizer.pad({"input_ids": [item["input_ids"] for item in short]}, return_tensors="pt")
-    worst = packed.matches(short, dict(short_padded), atol=1e-5)
-    assert worst is not None and worst > 0
+    for kernel in _attention_paths():
+        packed.kernel = kernel
+        worst = packed.matches(short, dict(short_padded), atol=1e-5)
+        assert worst is not None and worst > 0, kernel
 
     hidden, lengths = packed.hidden_states(items)
     assert lengths == [len(ids) for ids in encoded["input_ids"]] and hidden.shape[0] == sum(lengths)
@@ -624,10 +691,12 @@ def test_the_packed_classifier_heads_equal_the_models_own(task: str, test_models
             assert out.shape == expected.shape
             assert float(np.abs(out - expected).max()) <= 1e-5 * scale, (gemm, row)
         assert packed.matches(items, padded, atol=1e-5) is not None
-        # the three short rows alone, on the unfused attention for short rows
+        # the three short rows alone, on each attention path for short rows
         short = {k: v[:3, : max(len(ids) for ids in encoded["input_ids"][:3])] for k, v in padded.items()}
         assert short["input_ids"].shape[1] <= MATMUL_ATTENTION_WIDTH < padded["input_ids"].shape[1]
-        assert packed.matches(items[:3], short, atol=1e-5) is not None, gemm
+        for kernel in _attention_paths():
+            packed.kernel = kernel
+            assert packed.matches(items[:3], short, atol=1e-5) is not None, (gemm, kernel)
 
 
 @pytest.mark.parametrize(
