@@ -66,6 +66,7 @@ class EncoderOptions:
     request_timeout: float = 60.0
     packed: bool = True  # on the CPU, BERT-family models run without padding (models/packed.py)
     packed_gemm: str = "auto"  # its GEMM library: auto (timed at load), torch or onednn
+    packed_attention: str = "auto"  # its short rows' attention: auto (the C kernel where usable) or torch
 
 
 class EncoderRuntime:
@@ -127,7 +128,7 @@ class EncoderRuntime:
         """The padding-free runner, if it applies to this model and gives its results, on
         the faster of the GEMM libraries that give them."""
         try:
-            packed = PackedBert.for_model(self.model, self.options.packed_gemm)
+            packed = PackedBert.for_model(self.model, self.options.packed_gemm, self.options.packed_attention)
         except RuntimeError as exc:  # e.g. oneDNN cannot reorder float16 weights on this CPU
             log.warning("encoder.packed_off", model=self.alias, reason=str(exc).split(".")[0])
             return None
@@ -166,6 +167,7 @@ class EncoderRuntime:
             gemm=packed.linear,
             max_difference=differences[packed.linear],
             reordered_weights_mib=round(packed.reordered_bytes / 2**20, 1),
+            attention="kernel" if packed.kernel is not None else "torch",
             **{f"forward_ms_{gemm}": ms for gemm, ms in timings.items()},
         )
         return packed

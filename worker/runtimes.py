@@ -58,6 +58,7 @@ def build_runtime(alias: str, spec: ModelSpec, settings: WorkerSettings, device:
             request_timeout=time_limit,
             packed=spec.packed,
             packed_gemm=spec.packed_gemm,
+            packed_attention=spec.packed_attention,
         ),
         BatchLimits(**batching.model_dump()),
     )

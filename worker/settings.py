@@ -71,6 +71,11 @@ class ModelSpec(BaseModel):
         description="The packed forward pass's GEMM library: torch (nn.Linear's, MKL on x86) or oneDNN; auto times "
         "both at load and keeps the faster.",
     )
+    packed_attention: Literal["auto", "torch"] = Field(
+        "auto",
+        description="The packed forward pass's attention for rows of up to 64 tokens in float32: auto takes the C "
+        "kernel built at install where the CPU has AVX-512, torch always torch's operations.",
+    )
     # generate / llama.cpp
     n_ctx: int = Field(4096, ge=16, description="GGUF context window in tokens.")
     n_batch: int = Field(512, ge=1, description="GGUF prompt-processing batch size.")
