@@ -166,7 +166,8 @@ class PackedBert:
         if attention not in ("auto", "torch"):
             raise ValueError(f"attention: auto or torch, not {attention!r}")
         # the C kernel for short rows (models/_packed_attention.c), where built and usable
-        self.kernel = attention_kernel() if attention == "auto" and self.head_size % 16 == 0 else None
+        kernel = attention_kernel() if attention == "auto" else None
+        self.kernel = kernel if kernel is not None and kernel.takes_head_size(self.head_size) else None
 
     @classmethod
     def for_model(cls, model: Any, linear: str = "torch", attention: str = "auto") -> PackedBert | None:
@@ -501,6 +502,10 @@ class AttentionKernel:
     less time per layer for 64 rows of 25-34 tokens on an AMD EPYC)."""
 
     max_width = 64  # MAX_WIDTH in the C source
+    max_size = 128  # MAX_SIZE
+
+    def takes_head_size(self, size: int) -> bool:
+        return size % 16 == 0 and 16 <= size <= self.max_size
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._run = library.packed_attention

@@ -594,6 +594,8 @@ def test_the_attention_kernel_equals_torchs_attention(heads: int, size: int) -> 
         kernel(torch.randn(65, 3 * hidden), _Batch.of([65]), heads, size, scaling)
     with pytest.raises(RuntimeError, match="refused"):
         kernel(torch.randn(4, 3 * 24), _Batch.of([4]), 1, 24, scaling)
+    # which models get it: head sizes of whole 16-lane blocks up to 128 (BERT-base: 64)
+    assert [n for n in (8, 16, 24, 32, 64, 96, 128, 144, 256) if kernel.takes_head_size(n)] == [16, 32, 64, 96, 128]
 
 
 def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None:
