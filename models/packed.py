@@ -5,18 +5,21 @@ a padded forward pass computes the padding too: on the embed benchmark's sentenc
 batch of 31 taken in arrival order is 1.27x its real tokens, where a library sorting a
 whole corpus by length first pads almost nothing. Here every token-wise operation (the
 embeddings, the Q/K/V and output projections, the feed-forward matrices, the layer norms)
-runs on the batch's real tokens only, packed into one [tokens, hidden] matrix; only the
-attention itself runs on a padded [rows, heads, longest, head_dim] grid, with the padding
-masked out as in the model's own forward. On a GPU the padded forward pass is cheap and
-uses fused attention kernels, so this is for the CPU only.
+runs on the batch's real tokens only, packed into one [tokens, hidden] matrix. On a GPU
+the padded forward pass is cheap and uses fused attention kernels, so this is for the CPU
+only.
 
-The attention of short rows (up to ``MATMUL_ATTENTION_WIDTH`` tokens, in float32) is two
-batched matrix products and a softmax rather than torch's fused CPU kernel
-(``scaled_dot_product_attention``), which is built for long sequences: on the rows of
-the benchmarks (19-40 tokens, 64 rows, 12 heads) it took 1.2-1.8x as long, and the
-forward pass was 4-10% faster without it. Longer rows, 16-bit dtypes (whose fused
-kernel accumulates the scores in float32) and the single query row of a classifier's
-last layer keep the fused kernel.
+The attention of short rows (up to 64 tokens, in float32) runs on the packed tokens too,
+in a C kernel (``AttentionKernel``: ``models/_packed_attention.c``, built at install,
+AVX-512), 2.2x faster than torch's operations on the benchmarks' rows. Without it (not
+built, no AVX-512, ``attention="torch"``), and for rows too long for it, the attention
+runs on a padded [rows, heads, longest, head_dim] grid with the padding masked out as in
+the model's own forward: for rows up to ``MATMUL_ATTENTION_WIDTH`` tokens in float32 as
+two batched matrix products and a softmax rather than torch's fused CPU kernel
+(``scaled_dot_product_attention``), which is built for long sequences (on rows of 19-40
+tokens it took 1.2-1.8x as long); longer rows, 16-bit dtypes (whose fused kernel
+accumulates the scores in float32) and the single query row of a classifier's last
+layer keep the fused kernel.
 
 It serves the three heads the encoder runtime loads, for BERT, RoBERTa and XLM-RoBERTa:
 
