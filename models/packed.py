@@ -35,11 +35,11 @@ Its matrix products run on one of two CPU GEMM libraries inside torch: MKL (what
 ``nn.Linear`` calls) or oneDNN (``torch.ops.mkldnn._linear_pointwise``, as torch's compiler
 emits for linear layers on the CPU). On oneDNN the weights are reordered once into its own
 blocked layout (what the compiler's freezing does), and the feed-forward GELU runs inside
-the first product. Which library is faster depends on the CPU: on AMD EPYCs oneDNN took 10-14% less time per
-forward pass, while an earlier session measured oneDNN's layers (``torch.utils.mkldnn``)
-slower than ``nn.Linear`` on an Intel Xeon. So with ``linear="auto"`` the runtime times
-both on the model at load and keeps the faster (``tune``). Q, K and V are one fused
-matrix product either way.
+the first product. Which library is faster depends on the CPU: on AMD EPYCs oneDNN took
+10-14% less time per forward pass, while an earlier session measured oneDNN's layers
+(``torch.utils.mkldnn``) slower than ``nn.Linear`` on an Intel Xeon. So with
+``linear="auto"`` the runtime times both on the model at load and keeps the faster
+(``tune``). Q, K and V are one fused matrix product either way.
 
 It reimplements the forward pass of transformers' ``BertModel`` and ``RobertaModel``
 (eval mode, absolute positions, no cross-attention) from the model's own modules and
