@@ -55,6 +55,8 @@ def show_generation(client: InferenceClient, model: str) -> None:
             first = first or time.perf_counter()
             sys.stdout.write(message["text"])
             sys.stdout.flush()
+        elif message["type"] == "reset":  # its worker died; another starts it over
+            print(f"\n[delivered again (attempt {message['attempt']}): starting over]\n{prompt}", end="", flush=True)
         elif message["type"] == "end":
             usage = message["usage"]
             took = time.perf_counter() - t0

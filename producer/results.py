@@ -8,7 +8,9 @@ a web app awaiting thousands of results holds one pub/sub connection, not one pe
 ``expect`` registers a waiter before its task is sent: then the result can only come
 after the subscription, and no read of the key is needed. ``wait`` (a task sent earlier)
 reads the key once after subscribing, in case the result came first. If a message is lost
-(a reconnect), a waiter re-reads the key every ``RECHECK_S`` seconds.
+(a reconnect), a waiter re-reads the key every ``RECHECK_S`` seconds. Through a Redis
+outage a waiter goes on waiting (the listener reconnects and subscribes again, re-reads
+that fail are tried again) until its result comes or its timeout passes.
 
 Each task has a channel of its own rather than a pattern subscription per client: Redis
 matches every PUBLISH (streamed tokens included) against every pattern subscribed on the
@@ -32,9 +34,10 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from wire.keys import RESULT_PREFIX
+
 log = logging.getLogger(__name__)
 
-RESULT_PREFIX = "celery-task-meta-"
 FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 RECHECK_S = 2.0
 UNSUBSCRIBE_BATCH = 256
@@ -68,8 +71,9 @@ class Pending:
     key: str
 
 
-def _timed_out(task_id: str, timeout: float) -> TimeoutError:
-    return TimeoutError(f"task {task_id}: no result within {timeout:.1f}s")
+def _timed_out(task_id: str, timeout: float, unreachable: BaseException | None = None) -> TimeoutError:
+    why = f" (Redis unreachable: {unreachable})" if unreachable is not None else ""
+    return TimeoutError(f"task {task_id}: no result within {timeout:.1f}s{why}")
 
 
 class ResultWaiter:
@@ -102,14 +106,25 @@ class ResultWaiter:
         """The final result meta; ``TimeoutError`` after ``timeout`` seconds. ``read_first``
         when the task may have finished before :meth:`expect`."""
         event, box = self._waiting[pending.key]
+        unreachable: BaseException | None = None
+
+        def read() -> dict[str, Any] | None:
+            nonlocal unreachable
+            try:
+                meta, unreachable = _final(self._client.get(pending.key)), None
+                return meta
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                unreachable = exc
+                return None
+
         try:
             deadline = time.monotonic() + timeout
-            meta = _final(self._client.get(pending.key)) if read_first else None
+            meta = read() if read_first else None
             while meta is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise _timed_out(pending.task_id, timeout)
-                meta = box[0] if event.wait(min(left, RECHECK_S)) else _final(self._client.get(pending.key))
+                    raise _timed_out(pending.task_id, timeout, unreachable)
+                meta = box[0] if event.wait(min(left, RECHECK_S)) else read()
             return meta
         finally:
             self.forget(pending)
@@ -127,7 +142,9 @@ class ResultWaiter:
             return
         with self._lock:
             if not self._closed:
-                self._pubsub.unsubscribe(pending.key)
+                # through an outage: a new connection subscribes only to the channels still waited on
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    self._pubsub.unsubscribe(pending.key)
 
     def _listen(self) -> None:
         delivered: list[str] = []
@@ -195,15 +212,26 @@ class AsyncResultWaiter:
 
     async def result(self, pending: Pending, timeout: float, *, read_first: bool = False) -> dict[str, Any]:
         future = self._waiting[pending.key]
+        unreachable: BaseException | None = None
+
+        async def read() -> dict[str, Any] | None:
+            nonlocal unreachable
+            try:
+                meta, unreachable = _final(await self._client.get(pending.key)), None
+                return meta
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                unreachable = exc
+                return None
+
         try:
             deadline = time.monotonic() + timeout
-            meta = _final(await self._client.get(pending.key)) if read_first else None
+            meta = await read() if read_first else None
             while meta is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise _timed_out(pending.task_id, timeout)
+                    raise _timed_out(pending.task_id, timeout, unreachable)
                 done, _ = await asyncio.wait({future}, timeout=min(left, RECHECK_S))
-                meta = future.result() if done else _final(await self._client.get(pending.key))
+                meta = future.result() if done else await read()
             return meta
         finally:
             await self.forget(pending)
@@ -214,7 +242,8 @@ class AsyncResultWaiter:
     async def forget(self, pending: Pending) -> None:
         if self._waiting.pop(pending.key, None) is not None:
             async with self._commands:
-                await self._pubsub.unsubscribe(pending.key)
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    await self._pubsub.unsubscribe(pending.key)
 
     async def _listen(self) -> None:
         while self._waiting:

@@ -6,6 +6,10 @@ numbers drop duplicates and expose gaps, which are filled from the Stream. So a 
 that subscribes late, or reconnects, still gets every message once, in order. The
 Stream is also re-read whenever the channel is quiet for a while, so a lost pub/sub
 message never stalls a reader.
+
+A generation delivered again after its worker died goes on in the same stream with a
+``reset`` message (``seq`` keeps growing; CONTRACT §4, v1.1): a reader that gathers text
+drops what it has gathered when it sees one. :func:`stream_text` does that.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-STREAM_PREFIX = "stream:"
+from wire.keys import STREAM_PREFIX
+
 QUIET_S = 0.5  # re-read the Stream after this long without a channel message
 
 
@@ -62,6 +67,17 @@ class _Cursor:
 
     def after(self) -> str:
         return "-" if self.stream_id == "-" else "(" + self.stream_id
+
+
+def stream_text(messages: list[dict[str, Any]]) -> str:
+    """The text a stream's messages give: its tokens after the last ``reset``."""
+    text: list[str] = []
+    for message in messages:
+        if message.get("type") == "reset":
+            text.clear()
+        elif message.get("type") == "token":
+            text.append(message["text"])
+    return "".join(text)
 
 
 def read_stream(

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import structlog
-from celery import Task
+from celery import Task, states
+from celery.exceptions import Ignore
 
 from models.errors import InferenceError, InvalidRequest, TransientError, WorkerError
 from tasks.schemas import Limits, Request, parse
@@ -35,6 +36,18 @@ class InferenceTask(Task):
             settings = self.app.settings
             type(self)._limits = Limits(max_items=settings.max_items, max_text_chars=settings.max_text_chars)
         return self._limits  # type: ignore[return-value]
+
+
+def drop_if_answered(task: Task) -> None:
+    """A task handed back after its worker died may have been answered already (the worker
+    died between storing its result and acking it): then it is dropped (``Ignore``: nothing
+    stored), never run twice. Only a redelivered task pays for the look."""
+    request = task.request
+    if not (request.delivery_info or {}).get("redelivered"):
+        return
+    if task.backend.get_task_meta(request.id).get("status") in states.READY_STATES:
+        log.info("task.duplicate_dropped", task_id=request.id, task=task.name)
+        raise Ignore()
 
 
 def validate(kind: str, schema: type[R], args: Any, kwargs: Any, limits: Limits) -> R:

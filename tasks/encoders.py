@@ -10,7 +10,7 @@ from celery import shared_task
 
 from models.base import CLASSIFY, EMBED, NER, RERANK
 from models.registry import registry
-from tasks.base import InferenceTask, serve
+from tasks.base import InferenceTask, drop_if_answered, serve
 from tasks.schemas import ClassifyRequest, EmbedRequest, NerRequest, Request, RerankRequest
 
 if TYPE_CHECKING:  # torch and transformers load with the models, not with the task modules
@@ -38,6 +38,7 @@ def classify(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 def _serve(task: InferenceTask, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    drop_if_answered(task)
     schema, planner = PLANNERS[kind]
     return serve(task, kind, schema, args, kwargs, lambda req: execute(planner(req)))
 

@@ -28,6 +28,13 @@ def _check_text(value: Any, field: str, limits: Limits) -> str:
     return value
 
 
+def _texts_only(value: Any, info: ValidationInfo) -> list[str]:
+    """A non-empty list of strings (never a bare string)."""
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of strings, got {type(value).__name__}")
+    return _text_list(value, info)
+
+
 def _limits(info: ValidationInfo) -> Limits:
     return (info.context or {}).get("limits") or Limits()
 
@@ -69,7 +76,7 @@ class RerankRequest(Request):
     top_n: Annotated[int, Field(ge=1)] | None = None
     return_documents: bool = False
 
-    _docs = field_validator("documents", mode="before")(_text_list)
+    _docs = field_validator("documents", mode="before")(_texts_only)
 
     @field_validator("query", mode="before")
     @classmethod
@@ -152,8 +159,33 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{loc}: {message}" if loc else message
 
 
+def _not_unicode(value: Any, path: str) -> str | None:
+    """The first place in ``value`` holding a string that is not valid Unicode text (a lone
+    surrogate, which JSON's ``\\ud800`` escapes can carry and no tokenizer can encode)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{path}: not valid Unicode text (a lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start})"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and (found := _not_unicode(key, f"{path} (a key)" if path else "an argument name")):
+            return found
+        if found := _not_unicode(item, f"{path}.{key}" if path else str(key)):
+            return found
+    return None
+
+
 def parse(schema: type[Request], kwargs: dict[str, Any], limits: Limits | None = None) -> Any:
     """Validate ``kwargs`` or raise ``InvalidRequest`` naming every wrong field."""
+    if problem := _not_unicode(kwargs, ""):
+        raise InvalidRequest(problem)
     try:
         return schema.model_validate(kwargs, context={"limits": limits or Limits()})
     except ValidationError as exc:

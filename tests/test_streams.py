@@ -62,6 +62,7 @@ def test_a_failed_write_is_raised_to_the_generation(redis_url: str) -> None:
         port = s.getsockname()[1]
     dead = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
     publisher = StreamPublisher(dead, f"test-{uuid.uuid4()}", ttl=60)
+    publisher.write_retry_s = 1.0  # it rides out an outage this long before it gives up
     publisher.token("queued without waiting for Redis")  # returns at once; the writer fails
     deadline = time.monotonic() + 10
     while publisher._failure is None and time.monotonic() < deadline:
@@ -79,6 +80,7 @@ def test_end_raises_a_failure_that_happens_while_flushing(redis_url: str) -> Non
         port = s.getsockname()[1]
     dead = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
     publisher = StreamPublisher(dead, f"test-{uuid.uuid4()}", ttl=60)
+    publisher.write_retry_s = 1.0
     with pytest.raises(RuntimeError, match="write failed"):
         publisher.end("stop", {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1})
     assert publisher.closed

@@ -5,33 +5,35 @@ tracer, a result store and an ack, each on its own. For an embedding of one sent
 costs as much as the sentence's share of a batched forward pass. On these queues the
 worker consumes instead like this:
 
-* One Lua script takes up to ``intake_prefetch`` messages from a queue (its priority
-  lists in kombu's order). In the same atomic step it records each one in kombu's unacked
-  hash and index, exactly as kombu does on delivery. When a worker dies, any worker's
-  kombu transport hands those messages back once the visibility timeout has passed, as
-  it does for Celery's own deliveries. When the queues are empty it waits with BRPOP
-  (and puts what that brings back for the script to take).
-* The intake thread decodes each message (JSON only: anything else is refused, never
-  decoded), validates it with the tasks' schemas and tokenizes it. It then submits all of
-  them to their models' batchers at once, so they share forward passes.
+* One Lua script (lua/pop.lua) takes up to ``intake_prefetch`` messages from a queue (its
+  priority lists in kombu's order). In the same atomic step it records each one in
+  kombu's unacked hash and index, exactly as kombu does on delivery, with this process as
+  its holder: when the process dies, the survivors hand those messages back within
+  seconds (worker/reclaim.py). When the queues are empty it waits with BRPOP (and puts
+  what that brings back for the script to take).
+* The intake thread reads each message (wire/message.py: a message it cannot read is
+  refused, its task failed with ``InvalidRequest``), validates it with the tasks'
+  schemas and tokenizes it. It then submits all of them to their models' batchers at
+  once, so they share forward passes. A fault in one message is that message's alone:
+  the others taken with it go on, and the count of messages held stays right.
 * The completer thread builds each request's result as its batcher reports it complete,
   in the order requests finish, not the order they came: a small request is never held
   behind a long one taken before it. It stores the results in Celery's result format
   (SET and PUBLISH, in one pipeline for all the results that are ready) and acks their
-  messages in that same pipeline. A request still running at its time limit is answered
-  with ``InferenceError``. Producers see no difference: ``AsyncResult.get()`` and the
-  contract's errors work as before.
+  messages in that same pipeline; through a Redis outage it keeps trying. A request
+  still running at its time limit is answered with ``InferenceError``. Producers see no
+  difference: ``AsyncResult.get()`` and the contract's errors work as before.
 
 Revoked and expired tasks are marked REVOKED without running, as Celery does. A message
-with a future ETA is held until it is due. A message that uses Celery's canvas (link,
-link_error, chain or chord), or that names a task other than the four encoder tasks, is
-run through Celery's own tracer in a side thread, so its callbacks behave as they would
-under Celery.
+handed back after its worker died whose result is already stored is acked, not run again.
+A message with a future ETA is held until it is due. A message that uses Celery's canvas
+(link, link_error, chain or chord), or that names a task other than the four encoder
+tasks, is run through Celery's own tracer in a side thread, so its callbacks behave as
+they would under Celery.
 """
 
 from __future__ import annotations
 
-import base64
 import heapq
 import queue as queue_mod
 import threading
@@ -40,7 +42,7 @@ import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -48,65 +50,26 @@ import redis
 import structlog
 from celery import Celery, states
 from celery.exceptions import TaskRevokedError
-from kombu.utils.json import loads as kombu_loads
+from kombu.exceptions import OperationalError
 
 from models.errors import InferenceError, InvalidRequest, WorkerError
 from tasks.base import validate
 from tasks.encoders import PLANNERS
 from tasks.schemas import Limits
+from wire import keys
+from wire.message import TaskMessage, Unreadable, decode, loads
+from worker.liveness import identity
+from worker.unreadable import refuse
 
 log = structlog.get_logger("tasks")
 wlog = structlog.get_logger("worker")
 
-# kombu's Redis transport: priority lists of a queue, the unacked hash and its index
-PRIORITY_STEPS = (0, 3, 6, 9)
-PRIORITY_SEP = "\x06\x16"
-UNACKED_KEY = "unacked"
-UNACKED_INDEX_KEY = "unacked_index"
 IDLE_WAIT_S = 1.0
 RESTORE_INTERVAL_S = 10.0
 RETRY_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
-CANVAS_KEYS = ("callbacks", "errbacks", "chain", "chord")
-
-# KEYS: unacked hash, unacked index, then the queue's lists in priority order.
-# ARGV[1]: most messages to take. Returns key-index, message, key-index, message, ...
-# Each message is stored in the unacked hash as kombu's QoS.append stores it:
-# [message, exchange, routing_key], scored by the time of delivery in the index.
-POP_SCRIPT = """
-local limit = tonumber(ARGV[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local out = {}
-local taken = 0
-for k = 3, #KEYS do
-  if taken >= limit then break end
-  local got = redis.call('RPOP', KEYS[k], limit - taken)
-  if got then
-    for _, raw in ipairs(got) do
-      local ok, msg = pcall(cjson.decode, raw)
-      local props = ok and type(msg) == 'table' and msg['properties']
-      local tag = type(props) == 'table' and props['delivery_tag']
-      if type(tag) == 'string' then
-        local info = props['delivery_info']
-        if type(info) ~= 'table' then info = {} end
-        local ex = type(info['exchange']) == 'string' and info['exchange'] or ''
-        local rk = type(info['routing_key']) == 'string' and info['routing_key'] or ''
-        redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
-        redis.call('ZADD', KEYS[2], now, tag)
-      end
-      out[#out + 1] = k - 2
-      out[#out + 1] = raw
-      taken = taken + 1
-    end
-  end
-end
-return out
-"""
-
-
-def priority_keys(queue: str) -> list[str]:
-    """A queue's Redis lists in the order kombu consumes them (priority 0 first)."""
-    return [queue if p == 0 else f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
+STOP_STORE_ATTEMPTS = 2  # a stopping intake gives up storing after this many tries: survivors redeliver
+POP_SCRIPT = (Path(__file__).with_name("lua") / "pop.lua").read_text()
+FINAL_STATES = (states.SUCCESS, states.FAILURE, states.REVOKED)
 
 
 @dataclass
@@ -115,8 +78,8 @@ class Job:
 
     raw: bytes
     key: str
+    tag: str | None = None  # recorded in the unacked hash under this tag (None: not recorded)
     received: float = field(default_factory=time.monotonic)
-    tag: str | None = None
     task_id: str | None = None
     name: str | None = None
     queue: str | None = None
@@ -126,6 +89,8 @@ class Job:
     embed: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
     eta: float | None = None  # wall-clock seconds
+    expires: float | None = None
+    redelivered: bool = False
     plan: Any = None
     prepared: Any = None
     pending: Any = None  # the batcher's request
@@ -148,7 +113,9 @@ class IntakeStats:
     refused: int = 0
     revoked: int = 0
     traced: int = 0
+    duplicates: int = 0
     store_batches: int = 0
+    store_retries: int = 0
 
     def as_dict(self) -> dict[str, float]:
         out: dict[str, float] = dict(self.__dict__)
@@ -180,17 +147,21 @@ class BulkIntake:
         self.limits = limits
         self.hostname = hostname
         self.stats = IntakeStats()
-        self._redis = redis.Redis.from_url(redis_url, socket_timeout=IDLE_WAIT_S + 10, health_check_interval=30)
+        self._redis = redis.Redis.from_url(
+            redis_url, socket_timeout=IDLE_WAIT_S + 10, socket_connect_timeout=5, health_check_interval=30
+        )
         self._pop_script = self._redis.register_script(POP_SCRIPT)
-        self._keys = {q: priority_keys(q) for q in self.queues}
+        self._keys = {q: keys.priority_keys(q) for q in self.queues}
         # kombu's BRPOP order: every queue's priority-0 list first, then priority 3, ...
-        self._all_keys = [self._keys[q][i] for i in range(len(PRIORITY_STEPS)) for q in self.queues]
+        self._all_keys = [self._keys[q][i] for i in range(len(keys.PRIORITY_STEPS)) for q in self.queues]
         # to the completer: a list of jobs from the intake (or the tracer), a (job, request)
         # pair from a batcher as a request completes, or None once the intake has stopped
         self._done: queue_mod.Queue[list[Job] | tuple[Job, Any] | None] = queue_mod.Queue()
         self._held: list[tuple[float, int, Job]] = []  # ETA heap
         self._held_seq = 0
         self._inflight = 0
+        self._holding: set[str] = set()  # delivery tags recorded as this process's, not yet acked
+        self._holding_lock = threading.Lock()
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self._tracer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="intake-trace")
@@ -202,12 +173,13 @@ class BulkIntake:
         self._paused: set[str] = set()
         self._tracers: dict[str, Any] = {}
         self._kombu: Any = None
+        self._declared = False
         self._last_restore = -RESTORE_INTERVAL_S
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._declare_bindings()
+        """Starts the threads; Redis need not answer yet (the intake waits for it)."""
         for target, name in ((self._intake_loop, "intake"), (self._complete_loop, "intake-completer")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -234,6 +206,11 @@ class BulkIntake:
             self._kombu.release()
         wlog.info("intake.stopped", **self.stats.as_dict())
         self._redis.close()
+
+    def holding(self) -> set[str]:
+        """The delivery tags this intake holds (for worker/reclaim.py)."""
+        with self._holding_lock:
+            return set(self._holding)
 
     def pause(self, queue: str) -> bool:
         """Stop taking from ``queue`` (Celery's ``cancel_consumer``); False if not ours."""
@@ -262,6 +239,7 @@ class BulkIntake:
             for q in self.app.amqp.queues.values():
                 if q.name in self.queues:
                     q(channel).declare()
+        self._declared = True
 
     # -- the intake thread --------------------------------------------------------------
 
@@ -269,18 +247,23 @@ class BulkIntake:
         failures = 0
         while not self._stopping.is_set():
             try:
+                if not self._declared:
+                    self._declare_bindings()
                 self._maybe_restore()
                 self._release_due()
                 room = self._wait_for_room()
                 if room == 0:
                     continue
                 jobs = self._take(room)
+                if failures:
+                    wlog.info("intake.redis_back", after_failures=failures)
                 failures = 0
                 if jobs:
                     self._dispatch(jobs)
-            except redis.RedisError as exc:
+            except (redis.RedisError, OperationalError) as exc:
                 delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
                 failures += 1
+                self._declared = False  # Redis may come back without them
                 wlog.warning("intake.redis_error", error=str(exc), retry_in_s=delay)
                 self._stopping.wait(delay)
             except Exception:  # never let the thread die: log and go on
@@ -288,10 +271,11 @@ class BulkIntake:
                 self._stopping.wait(1.0)
 
     def _maybe_restore(self) -> None:
-        """Hand a dead worker's unacked messages back to their queues once they are older
-        than the visibility timeout. kombu's transport does this only for a channel that
-        consumes, and Celery's consumer no longer consumes these queues, so the intake runs
-        kombu's own sweep (same keys, mutex and timeout) on the same schedule."""
+        """Hand back unacked messages older than the visibility timeout that nobody owns
+        (the last resort: worker/reclaim.py hands back those whose holder died). kombu's
+        transport does this only for a channel that consumes, and Celery's consumer no
+        longer consumes these queues, so the intake runs kombu's own sweep (same keys,
+        mutex and timeout) on the same schedule."""
         now = time.monotonic()
         if now - self._last_restore < RESTORE_INTERVAL_S:
             return
@@ -329,70 +313,99 @@ class BulkIntake:
         timeout = IDLE_WAIT_S
         if self._held:
             timeout = max(0.01, min(timeout, self._held[0][0] - time.time()))
-        keys = [k for k in self._all_keys if self._queue_of(k) in queues]
-        got = self._redis.brpop(keys, timeout=timeout)
+        wait_keys = [k for k in self._all_keys if keys.queue_of_key(k) in queues]
+        got = self._redis.brpop(wait_keys, timeout=timeout)
         if got is None:
             return []
         # put it back at the head of its list, and let the pop script take it with whatever
         # came with it, each recorded in the unacked hash in the same atomic step
         key, raw = got[0].decode(), got[1]
         self._redis.rpush(key, raw)
-        queue = self._queue_of(key)
+        queue = keys.queue_of_key(key)
         return self._pop([queue], room) if queue not in self._paused else []
 
     def _pop(self, queues: list[str], room: int) -> list[Job]:
         jobs: list[Job] = []
+        me = identity()
         for queue in queues:
-            keys = self._keys[queue]
-            got = self._pop_script(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, *keys], args=[room - len(jobs)])
-            jobs += [Job(raw=got[k + 1], key=keys[int(got[k]) - 1]) for k in range(0, len(got), 2)]
+            lists = self._keys[queue]
+            got = self._pop_script(
+                keys=[keys.UNACKED, keys.UNACKED_INDEX, keys.UNACKED_OWNER, *lists], args=[room - len(jobs), me]
+            )
+            for k in range(0, len(got), 3):
+                tag = got[k + 2].decode() if got[k + 2] else None
+                jobs.append(Job(raw=got[k + 1], key=lists[int(got[k]) - 1], tag=tag))
             if len(jobs) >= room:
                 break
         if jobs:
             self.stats.pops += 1
             self.stats.messages += len(jobs)
+            with self._holding_lock:
+                self._holding.update(job.tag for job in jobs if job.tag)
         return jobs
 
-    @staticmethod
-    def _queue_of(key: str) -> str:
-        return key.split(PRIORITY_SEP)[0]
-
     def _dispatch(self, jobs: list[Job], decoded: bool = False) -> None:
-        """Decode, validate and tokenize; submit what runs here to the batchers at once."""
-        from celery.worker import state as worker_state
-
+        """Read, validate and tokenize; submit what runs here to the batchers at once.
+        Every job ends up answered (through the completer), held for its ETA, or with the
+        tracer; a fault in one is answered as that job's failure."""
         with self._cond:
             self._inflight += len(jobs)
         ready: list[Job] = []  # answered without a forward pass (refused, invalid, revoked)
         runnable: list[Job] = []
-        now = time.time()
         held = 0
-        for job in jobs:
-            if not decoded and not self._decode(job):
-                ready.append(job)
-            elif job.task_id in worker_state.revoked:
-                self._revoke(job, "revoked")
-                ready.append(job)
-            elif self._expired(job, now):
-                self._revoke(job, "expired")
-                ready.append(job)
-            elif job.eta is not None and job.eta > now:
-                # held until due; it stays in the unacked hash, and out of the prefetch count
-                self._held_seq += 1
-                heapq.heappush(self._held, (job.eta, self._held_seq, job))
-                held += 1
-            elif self._needs_tracer(job):
-                self._tracer_pool.submit(self._trace, job)
-            else:
-                self._prepare(job)
-                (runnable if job.state is None else ready).append(job)
-        if held:
-            with self._cond:
-                self._inflight -= held
-        self._submit(runnable)
-        group = ready + runnable
-        if group:
-            self._done.put(group)
+        try:
+            if not decoded:
+                for job in jobs:
+                    try:
+                        self._decode(job)
+                    except Exception as exc:  # noqa: BLE001
+                        self._unexpected(job, exc)
+                self._drop_duplicates([job for job in jobs if job.state is None and job.redelivered])
+            now = time.time()
+            for job in jobs:
+                try:
+                    where = self._route(job, now)
+                except Exception as exc:  # noqa: BLE001 - this job's fault, not its neighbours'
+                    self._unexpected(job, exc)
+                    where = "ready"
+                if where == "held":
+                    held += 1
+                elif where == "ready":
+                    ready.append(job)
+                elif where == "runnable":
+                    runnable.append(job)
+            self._submit(runnable)
+        finally:
+            if held:
+                with self._cond:
+                    self._inflight -= held
+            group = ready + runnable
+            if group:
+                self._done.put(group)
+
+    def _route(self, job: Job, now: float) -> str:
+        """Where a read job goes next: ready (answered as it is), held (for its ETA),
+        traced (Celery's tracer has it) or runnable (to a batcher)."""
+        from celery.worker import state as worker_state
+
+        if job.state is not None:
+            return "ready"
+        if job.task_id in worker_state.revoked:
+            self._revoke(job, "revoked")
+            return "ready"
+        if job.expires is not None and job.expires <= now:
+            self._revoke(job, "expired")
+            return "ready"
+        if job.eta is not None and job.eta > now:
+            # held until due; it stays in the unacked hash, and out of the prefetch count
+            self._held_seq += 1
+            heapq.heappush(self._held, (job.eta, self._held_seq, job))
+            return "held"
+        if job.name not in PLANNERS or any(job.embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord")):
+            self._tracer_pool.submit(self._trace, job)
+            return "traced"
+        self._prepare(job)
+        return "runnable" if job.state is None else "ready"
 
     def _release_due(self) -> None:
         now = time.time()
@@ -404,75 +417,47 @@ class BulkIntake:
         if due:
             self._dispatch(due, decoded=True)
 
-    def _decode(self, job: Job) -> bool:
-        """Fills the job from its message; False (and the job answered) when refused."""
+    def _decode(self, job: Job) -> None:
+        """Fills the job from its message, or refuses it (answered, never run)."""
         try:
-            message = kombu_loads(job.raw)
-            props = message.get("properties") or {}
-            job.tag = props.get("delivery_tag")
-            job.queue = (props.get("delivery_info") or {}).get("routing_key") or job.key.split(PRIORITY_SEP)[0]
-            headers = message.get("headers") or {}
-            job.name, job.task_id = headers.get("task"), headers.get("id")
-            content_type = message.get("content-type")
-            if content_type != "application/json":
-                # never decoded: pickle and the like are refused, as kombu's accept list does
-                self._refuse(job, f"Refusing to deserialize untrusted content of type {content_type!r} (JSON only)")
-                return False
-            body = message.get("body")
-            if props.get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            payload = kombu_loads(body)
-        except Exception as exc:
-            self._refuse(job, f"undecodable message: {type(exc).__name__}: {exc}")
-            return False
-        if "task" in headers:  # protocol 2
-            job.headers = headers
-            job.name, job.task_id = headers.get("task"), headers.get("id")
-            if not isinstance(payload, list) or len(payload) != 3:
-                self._refuse(job, "malformed protocol-2 body: not [args, kwargs, embed]")
-                return False
-            job.args, job.kwargs, job.embed = payload[0], payload[1], payload[2] or {}
-        elif isinstance(payload, dict) and "task" in payload:  # protocol 1
-            job.headers = {k: v for k, v in payload.items() if k not in ("args", "kwargs")}
-            job.name, job.task_id = payload.get("task"), payload.get("id")
-            job.args, job.kwargs = payload.get("args") or (), payload.get("kwargs") or {}
-        else:
-            self._refuse(job, "not a Celery task message")
-            return False
-        if not isinstance(job.task_id, str) or not job.task_id:
-            self._refuse(job, "message without a task id")
-            return False
-        model = job.kwargs.get("model") if isinstance(job.kwargs, dict) else None
+            message: TaskMessage = decode(job.raw)
+        except Unreadable as exc:
+            self.stats.refused += 1
+            job.task_id, job.name = exc.task_id, exc.task
+            job.state, job.outcome = "REFUSED", "refused"
+            refuse(exc, queue=keys.queue_of_key(job.key), intake="bulk")
+            return
+        job.task_id, job.name, job.headers = message.task_id, message.name, message.headers
+        job.args, job.kwargs, job.embed = message.args, message.kwargs, message.embed
+        job.queue = message.routing_key or keys.queue_of_key(job.key)
+        job.eta, job.expires = message.eta, message.expires
+        job.redelivered = bool(message.headers.get("redelivered"))
+        model = message.kwargs.get("model")
         job.model = model if isinstance(model, str) else None
-        eta = job.headers.get("eta")
-        if eta:
-            try:
-                job.eta = _timestamp(eta)
-            except ValueError:
-                job.eta = None
-        return True
 
-    def _refuse(self, job: Job, reason: str) -> None:
-        """Acked and dropped, as Celery drops a message it may not decode."""
-        self.stats.refused += 1
-        wlog.error("intake.refused", reason=reason, queue=self._queue_of(job.key), task_id=job.task_id, task=job.name)
-        job.state, job.outcome = "REFUSED", "refused"
-
-    def _expired(self, job: Job, now: float) -> bool:
-        expires = job.headers.get("expires")
-        if not expires:
-            return False
+    def _drop_duplicates(self, jobs: list[Job]) -> None:
+        """A message handed back after its worker died may have been answered already (the
+        worker died between storing the result and the ack): ack it, never run it twice."""
+        if not jobs:
+            return
+        backend = self.app.backend
         try:
-            return _timestamp(expires) <= now
-        except ValueError:
-            return False
+            stored = self._redis.mget([backend.get_key_for_task(job.task_id) for job in jobs])
+        except redis.RedisError:
+            return  # run them: a result stored twice beats none
+        for job, raw in zip(jobs, stored):
+            try:
+                status = loads(raw).get("status") if raw else None
+            except (ValueError, AttributeError):
+                status = None
+            if status in FINAL_STATES:
+                self.stats.duplicates += 1
+                job.state, job.outcome = "DUPLICATE", "duplicate"
+                wlog.info("intake.duplicate_dropped", task_id=job.task_id, task=job.name)
 
     def _revoke(self, job: Job, reason: str) -> None:
         self.stats.revoked += 1
         job.state, job.error, job.outcome = states.REVOKED, TaskRevokedError(reason), reason
-
-    def _needs_tracer(self, job: Job) -> bool:
-        return job.name not in PLANNERS or any(job.embed.get(k) for k in CANVAS_KEYS)
 
     def _prepare(self, job: Job) -> None:
         schema, planner = PLANNERS[job.name]  # type: ignore[index]
@@ -502,9 +487,10 @@ class BulkIntake:
                     [job.prepared.items for job in group],
                     on_done=lambda request, jobs=group: self._done.put((jobs[request.index], request)),
                 )
-            except WorkerError as exc:
+            except Exception as exc:  # noqa: BLE001 - the group fails, the intake goes on
+                error = exc if isinstance(exc, WorkerError) else InferenceError(f"{type(exc).__name__}: {exc}")
                 for job in group:
-                    job.state, job.error = states.FAILURE, exc
+                    job.state, job.error = states.FAILURE, error
                 continue
             for job, request in zip(group, pending):
                 job.pending = request
@@ -537,9 +523,9 @@ class BulkIntake:
                 }
                 tracer(job.task_id, job.args, job.kwargs, request)
                 job.state, job.outcome = "TRACED", "traced"  # Celery stored the result
-        except Exception:
+        except Exception as exc:
             wlog.exception("intake.trace_failed", task=job.name, task_id=job.task_id)
-            job.state, job.outcome = "TRACED", "error"
+            job.state, job.error, job.outcome = states.FAILURE, InferenceError(f"{type(exc).__name__}: {exc}"), "error"
         self._done.put([job])
 
     # -- the completer thread -----------------------------------------------------------
@@ -592,9 +578,9 @@ class BulkIntake:
                     if not job.answered:
                         self._time_out(job)
                         self._answer(job, ready, outstanding)
-                self._flush(ready)
             except Exception:
                 wlog.exception("intake.completer_crashed")
+            self._flush(ready)
 
     @staticmethod
     def _answer(job: Job, ready: list[Job], outstanding: set[int]) -> None:
@@ -627,44 +613,64 @@ class BulkIntake:
         job.tb = traceback.format_exc()
 
     def _flush(self, jobs: list[Job]) -> None:
-        """Store the results and ack the messages of ``jobs`` in one pipeline."""
+        """Store the results and ack the messages of ``jobs`` in one pipeline. Through a
+        Redis outage it keeps trying; a stopping intake gives up after a few tries, and
+        leaves the messages to the survivors, who hand them back (worker/reclaim.py)."""
         if not jobs:
             return
-        backend = self.app.backend
-        now = self.app.now().isoformat()
-        done_at = time.monotonic()
-        for job in jobs:  # logged before the results are visible, as a Celery task logs before it returns
-            if job.outcome == "ok":
-                self.stats.served += 1
-            self._log(job, done_at)
-        for attempt in range(len(RETRY_BACKOFF_S) + 1):
-            try:
-                with self._redis.pipeline(transaction=False) as pipe:
-                    for job in jobs:
-                        if job.state in (states.SUCCESS, states.FAILURE, states.REVOKED) and job.task_id:
-                            key = backend.get_key_for_task(job.task_id).decode()
-                            value = _encode(backend, self._meta(job, now))
-                            expires = self._expires if job.state == states.SUCCESS else self._failure_expires
-                            if expires:
-                                pipe.setex(key, int(expires), value)
-                            else:
-                                pipe.set(key, value)
-                            pipe.publish(key, value)
-                        if job.tag:
-                            pipe.zrem(UNACKED_INDEX_KEY, job.tag)
-                            pipe.hdel(UNACKED_KEY, job.tag)
-                    pipe.execute()
-                break
-            except redis.RedisError as exc:
-                if attempt == len(RETRY_BACKOFF_S) or self._stopping.is_set() and attempt >= 1:
-                    # the messages stay in the unacked hash: redelivered after the visibility timeout
-                    wlog.error("intake.store_failed", error=str(exc), tasks=len(jobs))
+        try:
+            now = self.app.now().isoformat()
+            done_at = time.monotonic()
+            for job in jobs:  # logged before the results are visible, as a Celery task logs before it returns
+                if job.outcome == "ok":
+                    self.stats.served += 1
+                self._log(job, done_at)
+            commands = self._store_commands(jobs, now)
+            for attempt in range(1_000_000):
+                try:
+                    with self._redis.pipeline(transaction=False) as pipe:
+                        for name, *args in commands:
+                            getattr(pipe, name)(*args)
+                        pipe.execute()
                     break
-                time.sleep(RETRY_BACKOFF_S[attempt])
-        self.stats.store_batches += 1
-        with self._cond:
-            self._inflight -= len(jobs)
-            self._cond.notify_all()
+                except redis.RedisError as exc:
+                    self.stats.store_retries += 1
+                    if self._stopping.is_set() and attempt + 1 >= STOP_STORE_ATTEMPTS:
+                        wlog.error("intake.store_failed", error=str(exc), tasks=len(jobs))
+                        return
+                    if attempt == 0:
+                        wlog.warning("intake.store_retrying", error=str(exc), tasks=len(jobs))
+                    time.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+            with self._holding_lock:
+                self._holding.difference_update(job.tag for job in jobs if job.tag)
+            self.stats.store_batches += 1
+        finally:
+            with self._cond:
+                self._inflight -= len(jobs)
+                self._cond.notify_all()
+
+    def _store_commands(self, jobs: list[Job], now: str) -> list[tuple[Any, ...]]:
+        """The pipeline's commands: each result's SET and PUBLISH, then every ack."""
+        backend = self.app.backend
+        commands: list[tuple[Any, ...]] = []
+        for job in jobs:
+            if job.state in FINAL_STATES and job.task_id:
+                key = backend.get_key_for_task(job.task_id).decode()
+                value = _encode(backend, self._meta(job, now))
+                expires = self._expires if job.state == states.SUCCESS else self._failure_expires
+                commands.append(("setex", key, int(expires), value) if expires else ("set", key, value))
+                commands.append(("publish", key, value))
+        tags = [job.tag for job in jobs if job.tag]
+        if tags:
+            commands += [
+                ("zrem", keys.UNACKED_INDEX, *tags),
+                ("hdel", keys.UNACKED, *tags),
+                ("hdel", keys.UNACKED_OWNER, *tags),
+            ]
+        redelivered = [job.task_id for job in jobs if job.redelivered and job.task_id]
+        if redelivered:
+            commands.append(("hdel", keys.REDELIVERIES, *redelivered))
+        return commands
 
     def _meta(self, job: Job, now: str) -> dict[str, Any]:
         backend = self.app.backend
@@ -684,7 +690,7 @@ class BulkIntake:
         return meta
 
     def _log(self, job: Job, done_at: float) -> None:
-        if job.outcome in ("refused", "traced"):
+        if job.outcome in ("refused", "traced", "duplicate"):
             return
         ctx = {"task_id": job.task_id, "task": job.name, "model": job.model, "queue": job.queue}
         if job.outcome == "invalid":
@@ -704,9 +710,12 @@ class BulkIntake:
                 for job in jobs:
                     pipe.rpush(job.key, job.raw)
                     if job.tag:
-                        pipe.zrem(UNACKED_INDEX_KEY, job.tag)
-                        pipe.hdel(UNACKED_KEY, job.tag)
+                        pipe.zrem(keys.UNACKED_INDEX, job.tag)
+                        pipe.hdel(keys.UNACKED, job.tag)
+                        pipe.hdel(keys.UNACKED_OWNER, job.tag)
                 pipe.execute()
+            with self._holding_lock:
+                self._holding.difference_update(job.tag for job in jobs if job.tag)
         except redis.RedisError as exc:
             wlog.error("intake.restore_failed", error=str(exc), tasks=len(jobs))
 
@@ -719,13 +728,3 @@ def _encode(backend: Any, meta: dict[str, Any]) -> bytes | str:
         return orjson.dumps(meta)
     except TypeError:  # something orjson does not know (kombu's encoder may)
         return backend.encode(meta)
-
-
-def _timestamp(value: Any) -> float:
-    """Seconds since the epoch from Celery's ISO 8601 ``eta``/``expires`` (naive means UTC)."""
-    if isinstance(value, int | float):
-        return float(value)
-    when = datetime.fromisoformat(str(value))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()

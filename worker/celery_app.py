@@ -12,10 +12,12 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from producer.broker import transport_for
+from worker.backend import backend_url
 from worker.settings import ConfigError, WorkerSettings, load_settings
+from worker.transport import transport_for
 
 TASK_MODULES = ["tasks.encoders", "tasks.generate"]
+RESULT_STORE_RETRY_S = 60.0
 
 app = Celery("worker", include=TASK_MODULES)
 app.settings = None  # type: ignore[attr-defined]  # set by _configure
@@ -30,7 +32,7 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
     assert settings.visibility_timeout is not None
     config: dict[str, Any] = {
         "broker_url": settings.redis_url,
-        "result_backend": settings.redis_url,
+        "result_backend": backend_url(settings.redis_url),
         # JSON only: anything else (pickle above all) is refused before it is decoded
         "task_serializer": "json",
         "result_serializer": "json",
@@ -42,17 +44,25 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # kombu >= 5.7 scans the unacked hash for a dead worker's messages only on every
-        # 10th 10 s tick by default (unacked_restore_throttle); scan on every tick, so a
-        # crash's tasks come back within visibility_timeout + 10 s, as the README says
+        # the visibility timeout is the last resort, for unacked messages nobody owns: a dead
+        # worker's own come back within seconds (worker/reclaim.py). kombu >= 5.7 scans only
+        # on every 10th 10 s tick by default (unacked_restore_throttle); scan on every tick
         "broker_transport_options": {
+            "task_queues": [q.name for q in queues],  # read as task messages (worker/transport.py)
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
         },
+        # a worker waits for Redis as long as it takes, at start and after an outage
         "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # Celery's consumer, refusing what its request code cannot take (worker/consumer.py)
+        "worker_consumer": "worker.consumer:Consumer",
         "result_expires": settings.result_expires,
-        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # a result finished during a Redis outage is stored once Redis is back (up to a minute)
+        "result_backend_transport_options": {
+            "retry_policy": {"max_retries": None, "timeout": RESULT_STORE_RETRY_S, "interval_max": 2.0}
+        },
         "task_queues": queues,
         "task_default_queue": queues[0].name,
         "task_create_missing_queues": False,
@@ -71,7 +81,7 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
     if transport := transport_for(settings.redis_url):
-        config["broker_transport"] = transport  # kombu's Redis transport, one client reused
+        config["broker_transport"] = transport  # kombu's, reading every message first (worker/transport.py)
     return config
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 from celery import bootsteps
-from celery.signals import setup_logging, worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import setup_logging, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from models.registry import registry
 from worker import memory
@@ -170,6 +170,75 @@ intake: Any = None
 """The running :class:`~worker.bulk.BulkIntake`, if any (for ``inspect model_stats``)."""
 
 app.steps["worker"].add(BulkIntakeStep)
+
+
+class LivenessStep(bootsteps.StartStopStep):
+    """Starts the liveness beacon and sweeps (worker/liveness.py, worker/reclaim.py) once the
+    models are loaded, before the first message is taken. It stops last, at
+    ``worker_shutdown``, after the pool has finished its tasks: then it hands back what
+    the process still holds and drops its liveness key."""
+
+    requires = (LoadModels,)
+
+    def start(self, parent: Any) -> None:
+        import redis
+
+        from worker import transport, unreadable
+        from worker.liveness import Beacon, identity
+        from worker.reclaim import Reclaimer
+
+        global beacon
+        settings = current_settings()
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+        )
+        reclaimer = Reclaimer(
+            client,
+            me=identity(),
+            grace=settings.liveness_ttl,
+            max_deliveries=settings.max_deliveries,
+            held=held_tags,
+            fail=lambda task_id, error, stream: unreadable.fail(task_id, error, stream=stream),
+        )
+        beacon = Beacon(
+            client,
+            name=parent.hostname,
+            ttl=settings.liveness_ttl,
+            sweep=reclaimer.sweep,
+            on_beat=transport.pending_acks.flush,
+        )
+        beacon.start()
+
+
+beacon: Any = None
+"""The running :class:`~worker.liveness.Beacon`."""
+
+app.steps["worker"].add(LivenessStep)
+
+
+def held_tags() -> set[str]:
+    """The delivery tags this process still means to ack: Celery's known requests, the
+    deliveries on its open channels, and the bulk intake's."""
+    from celery.worker import state
+
+    from worker.transport import unacked_tags
+
+    tags = unacked_tags()
+    for request in list(state.requests.values()):
+        tag = getattr(request.message, "delivery_tag", None)
+        if tag:
+            tags.add(tag)
+    if intake is not None:
+        tags |= intake.holding()
+    return tags
+
+
+@worker_shutdown.connect
+def _stop_beacon(**_: Any) -> None:
+    global beacon
+    if beacon is not None:
+        beacon.stop()
+        beacon = None
 
 
 @worker_process_init.connect

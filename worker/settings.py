@@ -179,6 +179,20 @@ class WorkerSettings(BaseSettings):
     visibility_timeout: float | None = Field(
         None, description="Redis redelivery timeout; default: twice the longest time limit."
     )
+    liveness_ttl: float = Field(
+        15.0,
+        ge=2,
+        le=600,
+        description="Seconds a worker process counts as alive after its last heartbeat in Redis. Once it has "
+        "been silent this long, the other workers hand the tasks it held back to their queues (worker/reclaim.py).",
+    )
+    max_deliveries: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Deliveries of a task whose worker died while holding it; past this it fails with "
+        "InferenceError instead of going round the fleet (CONTRACT §6).",
+    )
     result_expires: int = Field(86400, ge=60, description="Seconds results stay in Redis.")
     stream_ttl: int = Field(3600, ge=1, description="Seconds a token Stream lives after its last message.")
     threads_per_worker: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's.")

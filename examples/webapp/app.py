@@ -14,8 +14,10 @@ the bundled models (``gemma`` and ``minilm``), both pointed at the same Redis::
 Endpoints:
 
 - ``POST /generate``: a JSON body (``model``, ``prompt`` or ``messages``, ``max_tokens``, ...)
-  answered with ``text/event-stream``: one event per stream message, ``event: token|end|error``,
-  ``id: <seq>``, ``data: <the message's JSON>``; the ``X-Task-Id`` header names the task.
+  answered with ``text/event-stream``: one event per stream message, ``event: token|reset|end|error``,
+  ``id: <seq>``, ``data: <the message's JSON>``; the ``X-Task-Id`` header names the task. A
+  ``reset`` event means the generation was delivered again (its worker died) and starts
+  over: the page drops the text it has shown.
 - ``GET /streams/{task_id}``: replays and follows the stream after ``Last-Event-ID`` (or ``?after=``).
 - ``POST /generate/{task_id}/cancel``: stops the generation; its stream ends ``cancelled``.
 - ``POST /embed``: the ``embed`` result, awaited.

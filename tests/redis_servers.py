@@ -1,0 +1,137 @@
+"""Private Redis servers for the fault tests: started from the ``redis-server`` on PATH,
+stopped and started again at will, on a port of their own (TLS ones too)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One ``redis-server`` process on a fixed port, so that a restart keeps its URL.
+    ``persist``: append-only file, fsynced every second and on a clean shutdown, so a
+    restart keeps the data (as a production Redis does); without it a restart empties it."""
+
+    def __init__(self, workdir: Path, *, persist: bool = False, tls: dict[str, str] | None = None) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("no redis-server on PATH")
+        self.port = free_port()
+        self.dir = workdir / f"redis-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.persist = persist
+        self.tls = tls
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={self.tls['ca']}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=5)
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        args = ["redis-server", "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", ""]
+        args += ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
+        if self.tls:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"]]
+            args += [
+                "--tls-key-file",
+                self.tls["key"],
+                "--tls-ca-cert-file",
+                self.tls["ca"],
+                "--tls-auth-clients",
+                "no",
+            ]
+        else:
+            args += ["--port", str(self.port)]
+        with (self.dir / "redis.log").open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.client().ping()
+                return self
+            except redis.RedisError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}") from None
+                time.sleep(0.05)
+        raise TimeoutError(f"redis-server on {self.port} did not answer within {timeout}s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """A clean shutdown (SIGTERM): with ``persist``, everything written is kept."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+def make_tls(workdir: Path) -> dict[str, str]:
+    """A CA and a server certificate for 127.0.0.1 signed by it, made with openssl."""
+    if shutil.which("openssl") is None:
+        raise RuntimeError("no openssl on PATH")
+    out = workdir / "tls"
+    out.mkdir(parents=True, exist_ok=True)
+    ca, ca_key, cert, key, csr, ext = (
+        str(out / n) for n in ("ca.pem", "ca.key", "cert.pem", "key.pem", "req.csr", "ext.cnf")
+    )
+    Path(ext).write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        ca_key,
+        "-out",
+        ca,
+    )
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr)
+    run(
+        "x509",
+        "-req",
+        "-in",
+        csr,
+        "-CA",
+        ca,
+        "-CAkey",
+        ca_key,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        ext,
+        "-out",
+        cert,
+    )
+    return {"ca": ca, "cert": cert, "key": key}

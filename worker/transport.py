@@ -1,0 +1,197 @@
+"""The worker's kombu Redis transport: kombu's, with four changes for the consuming side.
+
+* **Every message is read before kombu builds it.** The BRPOP reply passes
+  :func:`wire.message.decode` first. A message that fails it (not JSON, a body of the wrong
+  shape, a header of the wrong type, pickle) is never handed to kombu or Celery: it is
+  logged and dropped, and its task, where its id can be read, fails with
+  ``InvalidRequest`` (worker/unreadable.py). Broadcast (fanout) messages of the wrong shape
+  are dropped too. No message can stop the consumer.
+* **Each delivery names its holder.** Beside kombu's ``unacked`` record the transport
+  writes the delivery's owner, this process's liveness id, so that survivors hand it back
+  within seconds if this process dies (worker/reclaim.py), rather than after the
+  visibility timeout.
+* **Nothing is handed back while the process lives.** kombu restores every unacked
+  message when a channel closes: on a lost Redis connection that would hand back tasks
+  still running here (or fail, with Redis down, and stop the worker). Here a closed
+  channel keeps them: their tasks go on, and ack through a client of their own once
+  Redis answers. What this process drops or leaves behind, the reclaimer hands back.
+* **An ack never fails a task.** One that cannot reach Redis is kept and sent again by
+  the liveness beacon when Redis answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from time import time
+from typing import Any
+
+import redis
+import structlog
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+from producer import broker
+from wire import keys
+from wire.message import Unreadable, check_envelope, decode
+
+log = structlog.get_logger("worker")
+
+
+class _PendingAcks:
+    """Acks that could not reach Redis: (delivery tag, task id), sent again later."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, str | None] = {}
+
+    def add(self, tag: str, task_id: str | None) -> None:
+        with self._lock:
+            self._items[tag] = task_id
+
+    def flush(self, client: redis.Redis) -> int:
+        with self._lock:
+            items, self._items = self._items, {}
+        if not items:
+            return 0
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for tag, task_id in items.items():
+                    _remove(pipe, tag, task_id)
+                pipe.execute()
+        except redis.RedisError:
+            with self._lock:
+                self._items = {**items, **self._items}
+            raise
+        return len(items)
+
+
+pending_acks = _PendingAcks()
+
+
+def _remove(pipe: Any, tag: str, task_id: str | None) -> None:
+    pipe.zrem(keys.UNACKED_INDEX, tag).hdel(keys.UNACKED, tag).hdel(keys.UNACKED_OWNER, tag)
+    if task_id:
+        pipe.hdel(keys.REDELIVERIES, task_id)
+
+
+_open_qos: weakref.WeakSet[QoS] = weakref.WeakSet()
+
+
+def unacked_tags() -> set[str]:
+    """The delivery tags this process has taken on open channels and not yet acked."""
+    tags: set[str] = set()
+    for qos in list(_open_qos):
+        if not qos.channel.closed:
+            tags.update(tag for tag in list(qos._delivered) if tag not in qos._dirty)
+    return tags
+
+
+class QoS(broker.kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _open_qos.add(self)
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        from worker.liveness import identity
+
+        delivery = message.delivery_info
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(self.unacked_key, delivery_tag, record).hset(
+                keys.UNACKED_OWNER, delivery_tag, identity()
+            ).execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        message = self._delivered.get(delivery_tag)
+        task_id = (message.headers or {}).get("id") if message is not None else None
+        try:
+            with self.pipe_or_acquire() as pipe:
+                _remove(pipe, delivery_tag, task_id)
+                pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            pending_acks.add(delivery_tag, task_id)
+            log.warning("transport.ack_deferred", tag=delivery_tag, task_id=task_id, error=str(exc))
+        virtual.QoS.ack(self, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        with self.pipe_or_acquire(pipe) as pipe:
+            return (
+                pipe.zrem(self.unacked_index_key, delivery_tag)
+                .hdel(self.unacked_key, delivery_tag)
+                .hdel(keys.UNACKED_OWNER, delivery_tag)
+            )
+
+    def restore_unacked_once(self, stderr: Any = None) -> None:
+        """Hand nothing back: the tasks go on here (see the module's docstring)."""
+        self._on_collect.cancel()
+        self._delivered.restored = True
+
+
+class Channel(broker.Channel):
+    QoS = QoS
+    _saved_params: dict[bool, dict[str, Any]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._saved_params = {}
+        super().__init__(*args, **kwargs)
+        # Celery's task queues get the task message's full reading; other queues (control
+        # replies) what kombu needs
+        self._task_queues = frozenset(self.connection.client.transport_options.get("task_queues") or ())
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        """kombu's, remembered: a closed channel has no connection to read them from, and
+        its running tasks still ack through it."""
+        if self.connection is None and asynchronous in self._saved_params:
+            return dict(self._saved_params[asynchronous])
+        params = super()._connparams(asynchronous=asynchronous)
+        self._saved_params[asynchronous] = dict(params)
+        return params
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        client = super()._create_client(asynchronous)
+        if asynchronous:  # the client that BRPOPs
+            parse = client.parse_response
+
+            def parse_checked(connection: Any, command_name: str, **options: Any) -> Any:
+                reply = parse(connection, command_name, **options)
+                if command_name == "BRPOP" and reply:
+                    return reply if self._readable(*reply) else None
+                return reply
+
+            client.parse_response = parse_checked
+        return client
+
+    def _readable(self, key: bytes | str, raw: bytes | str) -> bool:
+        queue = keys.queue_of_key(key.decode(errors="replace") if isinstance(key, bytes) else key)
+        try:
+            if queue in self._task_queues:
+                decode(raw)
+            else:
+                check_envelope(raw)
+            return True
+        except Unreadable as exc:
+            from worker.unreadable import refuse
+
+            if queue in self._task_queues:
+                refuse(exc, queue=queue, intake="celery")
+            else:
+                log.error("message.unreadable", reason=exc.reason, queue=queue, intake="celery")
+            return False
+
+    def _deliver_fanout_message(self, message: Any, exchange: str) -> Any:
+        props = message.get("properties") if isinstance(message, dict) else None
+        if not isinstance(props, dict) or not isinstance(props.get("delivery_tag"), str):
+            log.error("message.unreadable", reason="broadcast message without an envelope", exchange=exchange)
+            return False
+        return super()._deliver_fanout_message(message, exchange)
+
+
+class Transport(broker.Transport):
+    Channel = Channel
+
+
+def transport_for(url: str) -> str | None:
+    """Celery's ``broker_transport`` for the worker (None: kombu's own choice)."""
+    return f"{__name__}:Transport" if broker.transport_for(url) else None
