@@ -79,7 +79,8 @@ class WorkerProcess:
         self.log_path = workdir / f"{name}.log"
         self.config_path.write_text(yaml.safe_dump(config))
         self.env = {
-            **os.environ,
+            # the worker's settings are its YAML file's: none leak in from this environment
+            **{k: v for k, v in os.environ.items() if not k.startswith("WORKER_")},
             "WORKER_CONFIG": str(self.config_path),
             "WORKER_LOG_FORMAT": "json",
             "HF_HUB_OFFLINE": "1",

@@ -104,6 +104,7 @@ def load_models(settings: WorkerSettings) -> None:
         bound.info("model.ready", load_s=round(t1 - t0, 3), warmup_s=round(t2 - t1, 3), **runtime.describe())
     if retained:
         log.info("worker.memory_released", mib=round(memory.release_free_pages() / 2**20, 1))
+        memory.TrimWatch(settings.retain_memory_slack_mib * 2**20).start()
     registry.mark_ready()
 
 

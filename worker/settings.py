@@ -197,9 +197,16 @@ class WorkerSettings(BaseSettings):
     stream_ttl: int = Field(3600, ge=1, description="Seconds a token Stream lives after its last message.")
     threads_per_worker: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's.")
     retain_memory: bool = Field(
-        True,
+        False,
         description="glibc only: keep freed memory in the process for the next forward pass (one malloc arena, "
-        "no mapped blocks, trim at 1 GiB) rather than page-faulting it back in (worker/memory.py).",
+        "no mapped blocks, trim at 1 GiB) rather than page-faulting it back in (worker/memory.py). Faster long "
+        "CPU forward passes; the memory kept grows with varied traffic, up to retain_memory_slack_mib at a time.",
+    )
+    retain_memory_slack_mib: int = Field(
+        512,
+        ge=32,
+        description="With retain_memory: hand the kept memory back to the system (malloc_trim) whenever the "
+        "worker's RSS has grown this many MiB above its level after the last hand-back.",
     )
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal.")
     log_level: str = Field("INFO")

@@ -25,9 +25,9 @@ def fail(task_id: str, error: WorkerError, *, stream: bool) -> None:
     from worker.celery_app import app
     from worker.streams import end_with_error, worker_redis
 
-    try:
-        app.backend.mark_as_failure(task_id, error)
+    try:  # the stream first, as a generation ends it before its result is stored
         if stream:
             end_with_error(worker_redis(), task_id, type(error).__name__, str(error))
+        app.backend.mark_as_failure(task_id, error)
     except Exception as exc:  # noqa: BLE001
         log.error("task.fail_not_stored", task_id=task_id, error=str(exc))
