@@ -267,7 +267,9 @@ class Pair:
         self.server = server
         self.workers = [_worker(f"pair-{side}", server.url, models, workdir) for side in ("a", "b")]
         for worker in self.workers:
-            worker.start()
+            worker.start(wait=False)
+        for worker in self.workers:
+            worker.wait_ready()
         self.client = server.client()
 
     def holder(self, tag: str) -> WorkerProcess:
@@ -314,13 +316,14 @@ def test_a_running_generation_is_never_handed_back(pair: Pair) -> None:
     app = plain_producer(pair.server.url)
     prompt = "Count from one to one thousand, in words: one, two, three, four,"
     result = app.send_task(
-        "generate", kwargs={"model": "gemma", "prompt": prompt, "max_tokens": 1200, "temperature": 0}, queue="gemma"
+        "generate", kwargs={"model": "gemma", "prompt": prompt, "max_tokens": 500, "temperature": 0}, queue="gemma"
     )
     got = result.get(timeout=300)
     app.close()
     done = pair.done(result.id)
     assert len(done) == 1 and done[0]["outcome"] == "ok"
-    assert done[0]["duration_ms"] > 2 * ttl / 3 * 1000, "too short to span a sweep; the test needs a longer one"
+    sweep_s = ttl / 3  # each worker sweeps this often
+    assert done[0]["duration_ms"] > (sweep_s + 0.5) * 1000, "too short to span a sweep; the test needs a longer one"
     assert got["usage"]["completion_tokens"] > 0
     handed = [e for w in pair.workers for e in w.events() if e.get("event") == "reclaim.requeued"]
     assert not handed
@@ -345,6 +348,8 @@ def test_a_generation_whose_worker_is_killed_starts_over_elsewhere(pair: Pair) -
     killed_at = time.monotonic()
     victim.kill()
     try:
+        wait_for(lambda: any(m["type"] == "reset" for m in messages), 60, "the generation was not delivered again")
+        restarted_s = time.monotonic() - killed_at
         result = app.AsyncResult(task_id).get(timeout=180)
         recovered_s = time.monotonic() - killed_at
         reader.join(30)
@@ -354,8 +359,7 @@ def test_a_generation_whose_worker_is_killed_starts_over_elsewhere(pair: Pair) -
         assert types.count("reset") == 1 and types.count("end") == 1 and types[-1] == "end", types
         assert next(m for m in messages if m["type"] == "reset")["attempt"] == 2
         assert stream_text(messages) == result["text"] and result["usage"] == messages[-1]["usage"]
-        assert recovered_s < 60, f"the generation came back after {recovered_s:.1f}s"
-        print(f"generation recovered {recovered_s:.1f}s after the kill")
+        print(f"generation started over {restarted_s:.1f}s after the kill, finished after {recovered_s:.1f}s")
         survivor = next(w for w in pair.workers if w is not victim)
         assert [e["outcome"] for e in pair.done(task_id)] == ["ok"]
         assert any(e.get("event") == "reclaim.requeued" and e["task_id"] == task_id for e in survivor.events())

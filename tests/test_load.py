@@ -2,7 +2,8 @@
 started again midway and Redis restarted once: no task lost or left hanging, every result
 right against the libraries' own answers, and the surviving worker's RSS flat.
 
-Marked ``load`` (``pytest -m "not load"`` leaves it out); CI runs it.
+Marked ``load``: ``./dev test`` leaves it out, ``./dev test -m load`` runs it, and CI runs
+it with everything else.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def test_ten_thousand_mixed_tasks_through_a_killed_worker_and_a_redis_restart(
         "gemma": {"task": "generate", "source": gguf_path, "n_ctx": GGUF_CTX, "n_threads": 1},
     }
     config = {"redis_url": server.url, "device": "cpu", "models": models, "threads_per_worker": 1}
-    victim, survivor = (WorkerProcess(f"load-{s}", config, workdir).start() for s in ("a", "b"))
+    victim, survivor = (WorkerProcess(f"load-{s}", config, workdir).start(wait=False) for s in ("a", "b"))
+    victim.wait_ready()
+    survivor.wait_ready()
     client = InferenceClient(server.url)
     lock = threading.Lock()
     next_task, done = [0], [0]

@@ -375,7 +375,11 @@ def test_broker_channel_reuses_one_client_and_keeps_kombus_unacked_bookkeeping(r
 
     assert transport_for("redis://h:6379/0") == transport_for("rediss://h:6380/1") == "producer.broker:Transport"
     assert transport_for("sentinel://h:26379") is None
-    assert celery_config(load_settings(redis_url=redis_url))["broker_transport"] == "producer.broker:Transport"
+    # the worker's is a subclass (worker/transport.py), for the consuming side
+    from worker.transport import Transport as WorkerTransport
+
+    assert issubclass(WorkerTransport, Transport)
+    assert celery_config(load_settings(redis_url=redis_url))["broker_transport"] == "worker.transport:Transport"
     client = InferenceClient(redis_url)
     try:
         assert client.celery.connection_for_write().transport_cls == "producer.broker:Transport"
@@ -432,23 +436,33 @@ def test_bulk_pop_records_messages_as_kombu_does_so_kombu_can_restore_them(redis
     from celery import Celery
     from kombu import Exchange, Queue
 
-    from worker.bulk import POP_SCRIPT, UNACKED_INDEX_KEY, UNACKED_KEY, priority_keys
+    from wire.keys import UNACKED, UNACKED_INDEX, UNACKED_OWNER, priority_keys
+    from worker.bulk import POP_SCRIPT
+
+    UNACKED_KEY, UNACKED_INDEX_KEY = UNACKED, UNACKED_INDEX  # noqa: N806
 
     name = f"test-intake-{uuid.uuid4().hex}"
     app = Celery("t", broker=redis_url, set_as_current=False)
     app.conf.update(task_serializer="json", broker_transport_options={"visibility_timeout": 60})
     check = redis.Redis.from_url(redis_url)
     queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    popped: list[dict[str, Any]] = []
     try:
         with app.connection_for_write() as conn:
             queue(conn.default_channel).declare()
         ids = [app.send_task("embed", kwargs={"n": i}, queue=queue, priority=p).id for i, p in enumerate((0, 9, 0))]
         keys = priority_keys(name)
         assert check.llen(keys[0]) == 2 and check.llen(keys[3]) == 1
-        got = check.register_script(POP_SCRIPT)(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, *keys], args=[10])
-        popped = [json.loads(got[k + 1]) for k in range(0, len(got), 2)]
+        holder = f"test-holder-{uuid.uuid4().hex}"
+        got = check.register_script(POP_SCRIPT)(
+            keys=[UNACKED_KEY, UNACKED_INDEX_KEY, UNACKED_OWNER, *keys], args=[10, holder]
+        )
+        popped = [json.loads(got[k + 1]) for k in range(0, len(got), 3)]
         assert [m["headers"]["id"] for m in popped] == [ids[0], ids[2], ids[1]]  # priority 0 first, FIFO
-        assert [int(got[k]) for k in range(0, len(got), 2)] == [1, 1, 4]
+        assert [int(got[k]) for k in range(0, len(got), 3)] == [1, 1, 4]
+        # each with its delivery tag, filed under this holder for the reclaimer
+        assert [got[k + 2].decode() for k in range(0, len(got), 3)] == [m["properties"]["delivery_tag"] for m in popped]
+        assert all(check.hget(UNACKED_OWNER, m["properties"]["delivery_tag"]) == holder.encode() for m in popped)
         assert all(check.llen(k) == 0 for k in keys)
         for message in popped:
             tag = message["properties"]["delivery_tag"]
@@ -466,6 +480,8 @@ def test_bulk_pop_records_messages_as_kombu_does_so_kombu_can_restore_them(redis
         assert {m["body"] for m in restored} == {m["body"] for m in popped}
         assert not any(check.hexists(UNACKED_KEY, m["properties"]["delivery_tag"]) for m in popped)
     finally:
+        if popped:
+            check.hdel(UNACKED_OWNER, *[m["properties"]["delivery_tag"] for m in popped])
         check.delete(*priority_keys(name))
         check.close()
         app.close()

@@ -1,4 +1,4 @@
-"""The worker's kombu Redis transport: kombu's, with four changes for the consuming side.
+"""The worker's kombu Redis transport: kombu's, with five changes for the consuming side.
 
 * **Every message is read before kombu builds it.** The BRPOP reply passes
   :func:`wire.message.decode` first. A message that fails it (not JSON, a body of the wrong
@@ -10,6 +10,8 @@
   writes the delivery's owner, this process's liveness id, so that survivors hand it back
   within seconds if this process dies (worker/reclaim.py), rather than after the
   visibility timeout.
+* **The visibility timeout is the last resort.** kombu's sweep of old unacked messages
+  passes over those that name a holder: the reclaimer looks after them.
 * **Nothing is handed back while the process lives.** kombu restores every unacked
   message when a channel closes: on a lost Redis connection that would hand back tasks
   still running here (or fail, with Redis down, and stop the worker). Here a closed
@@ -122,6 +124,28 @@ class QoS(broker.kombu_redis.QoS):
                 .hdel(self.unacked_key, delivery_tag)
                 .hdel(keys.UNACKED_OWNER, delivery_tag)
             )
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        """kombu's visibility-timeout sweep, for deliveries that name no holder only: those
+        that do are the reclaimer's, which never hands back a live worker's."""
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % (interval or 1):
+            return
+        with self.channel.conn_or_acquire() as client:
+            ceil = time() - self.visibility_timeout
+            try:
+                with broker.kombu_redis.Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
+                    visible = client.zrange(
+                        self.unacked_index_key, ceil, 0, desc=True, byscore=True, offset=num and start, num=num
+                    )
+                    if not visible:
+                        return
+                    owners = client.hmget(keys.UNACKED_OWNER, visible)
+                    for tag, owner in zip(visible, owners):
+                        if owner is None:
+                            self.restore_by_tag(tag, client)
+            except broker.kombu_redis.MutexHeld:
+                pass
 
     def restore_unacked_once(self, stderr: Any = None) -> None:
         """Hand nothing back: the tasks go on here (see the module's docstring)."""
