@@ -453,3 +453,55 @@ def test_a_task_lost_too_often_fails_instead_of_going_round(pair: Pair) -> None:
         assert not pair.client.hlen(keys.EXHAUSTED)
     finally:
         app.close()
+
+
+def _redelivered_generation(queue: str, task_id: str, kwargs: dict[str, Any]) -> bytes:
+    """A generate message as the reclaimer hands it back: marked redelivered."""
+    envelope = json.loads(task_message("generate", task_id, kwargs, queue, sender="t", reply_to="r"))
+    envelope["headers"]["redelivered"] = True
+    envelope["properties"]["delivery_info"]["redelivered"] = True
+    return json.dumps(envelope).encode()
+
+
+def test_a_redelivered_generation_goes_on_in_its_stream_or_is_not_run_again(
+    gen_worker: WorkerProcess, producer: Celery, redis_client: Any
+) -> None:
+    """Delivered again after an earlier delivery wrote part of its stream, a generation
+    writes ``reset`` and starts over after it; one whose stream had already ended is not
+    run again: its result comes from the stream."""
+    client = redis.Redis.from_url(producer.conf.broker_url)
+    queue = queue_name("gen-tiny")
+
+    def stream(task_id: str) -> list[dict[str, Any]]:
+        return [json.loads(f[b"data"]) for _, f in client.xrange(keys.STREAM_PREFIX + task_id)]
+
+    def write(task_id: str, messages: list[dict[str, Any]]) -> None:
+        for seq, message in enumerate(messages):
+            client.xadd(keys.STREAM_PREFIX + task_id, {"data": json.dumps({"task_id": task_id, "seq": seq, **message})})
+        client.expire(keys.STREAM_PREFIX + task_id, 120)
+
+    kwargs = {"model": "tiny", "prompt": "hello there", "max_tokens": 6, "temperature": 0, "stream": True}
+    cut = str(uuid.uuid4())
+    write(cut, [{"type": "token", "text": "half "}, {"type": "token", "text": "a story"}])
+    client.lpush(queue, _redelivered_generation(queue, cut, kwargs))
+    result = producer.AsyncResult(cut).get(timeout=RESULT_TIMEOUT)
+    messages = stream(cut)
+    assert [m["seq"] for m in messages] == list(range(len(messages)))
+    assert [m["type"] for m in messages][:3] == ["token", "token", "reset"] and messages[-1]["type"] == "end"
+    assert messages[2]["attempt"] == 2 and stream_text(messages) == result["text"]
+
+    ended = str(uuid.uuid4())
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    write(
+        ended,
+        [
+            {"type": "token", "text": "Hel"},
+            {"type": "token", "text": "lo"},
+            {"type": "end", "finish_reason": "length", "usage": usage},
+        ],
+    )
+    client.lpush(queue, _redelivered_generation(queue, ended, kwargs))
+    result = producer.AsyncResult(ended).get(timeout=RESULT_TIMEOUT)
+    assert result == {"model": "tiny", "text": "Hello", "finish_reason": "length", "usage": usage}
+    assert len(stream(ended)) == 3  # nothing written after its end
+    assert any(e.get("event") == "task.rebuilt_from_stream" and e["task_id"] == ended for e in gen_worker.events())

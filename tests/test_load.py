@@ -148,7 +148,7 @@ def test_ten_thousand_mixed_tasks_through_a_killed_worker_and_a_redis_restart(
                 expected.check(kind, j, result)
                 outcome = ("ok", result)
             except BaseException as exc:  # noqa: BLE001 - every task is accounted for below
-                outcome = (type(exc).__name__, str(exc)[:300])
+                outcome = (type(exc).__name__, f"{kind} sent {sent_at - started:.1f}s in: {str(exc)[:300]}")
             with lock:
                 outcomes[task_id] = outcome
                 latency[task_id] = time.monotonic() - sent_at

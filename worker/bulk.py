@@ -9,8 +9,8 @@ worker consumes instead like this:
   priority lists in kombu's order). In the same atomic step it records each one in
   kombu's unacked hash and index, exactly as kombu does on delivery, with this process as
   its holder: when the process dies, the survivors hand those messages back within
-  seconds (worker/reclaim.py). When the queues are empty it waits with BRPOP (and puts
-  what that brings back for the script to take).
+  seconds (worker/reclaim.py). When the queues are empty it waits with a blocking look
+  that takes nothing (BLMOVE of a list onto itself).
 * The intake thread reads each message (wire/message.py: a message it cannot read is
   refused, its task failed with ``InvalidRequest``), validates it with the tasks'
   schemas and tokenizes it. It then submits all of them to their models' batchers at
@@ -35,6 +35,7 @@ they would under Celery.
 from __future__ import annotations
 
 import heapq
+import itertools
 import queue as queue_mod
 import threading
 import time
@@ -65,6 +66,7 @@ log = structlog.get_logger("tasks")
 wlog = structlog.get_logger("worker")
 
 IDLE_WAIT_S = 1.0
+WAIT_SLICE_S = 0.1  # an idle intake's longest look at one queue's first list
 RESTORE_INTERVAL_S = 10.0
 RETRY_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 STOP_STORE_ATTEMPTS = 2  # a stopping intake gives up storing after this many tries: survivors redeliver
@@ -300,29 +302,42 @@ class BulkIntake:
             return 0 if self._stopping.is_set() else max(0, self.prefetch - self._inflight)
 
     def _take(self, room: int) -> list[Job]:
-        """Up to ``room`` messages from the queues in turn; waits up to 1 s when all are empty."""
+        """Up to ``room`` messages from the queues in turn; when all are empty, waits up to
+        ``IDLE_WAIT_S`` for one (see :meth:`_wait`)."""
         queues = self.active_queues()
         if not queues:
             self._stopping.wait(0.2)
             return []
         n = len(queues)
-        jobs = self._pop([queues[(self._next_queue + i) % n] for i in range(n)], room)
+        order = [queues[(self._next_queue + i) % n] for i in range(n)]
         self._next_queue = (self._next_queue + 1) % n
-        if jobs:
+        jobs = self._pop(order, room)
+        if jobs or not self._wait(order):
             return jobs
-        timeout = IDLE_WAIT_S
+        return self._pop([q for q in order if q not in self._paused], room)  # (one may have paused meanwhile)
+
+    def _wait(self, queues: list[str]) -> bool:
+        """Block until a message is on a queue's first list: BLMOVE of the list's next
+        message onto the same end of the same list, a blocking look that takes nothing (a
+        BRPOP would hold the message outside Redis until it was pushed back, and lose it
+        to a crash or an outage in between). The queues take turns in slices of
+        ``WAIT_SLICE_S``, and their priority lists are read by the pop between slices, so
+        an idle intake notices any message within a slice per queue. A message held for
+        its ETA shortens the wait to its due time."""
+        deadline = time.time() + IDLE_WAIT_S
         if self._held:
-            timeout = max(0.01, min(timeout, self._held[0][0] - time.time()))
-        wait_keys = [k for k in self._all_keys if keys.queue_of_key(k) in queues]
-        got = self._redis.brpop(wait_keys, timeout=timeout)
-        if got is None:
-            return []
-        # put it back at the head of its list, and let the pop script take it with whatever
-        # came with it, each recorded in the unacked hash in the same atomic step
-        key, raw = got[0].decode(), got[1]
-        self._redis.rpush(key, raw)
-        queue = keys.queue_of_key(key)
-        return self._pop([queue], room) if queue not in self._paused else []
+            deadline = min(deadline, self._held[0][0])
+        every_list = [k for q in queues for k in self._keys[q]]
+        for queue in itertools.cycle(queues):
+            left = deadline - time.time()
+            if left <= 0 or self._stopping.is_set():
+                return False
+            first = self._keys[queue][0]
+            if self._redis.blmove(first, first, max(0.01, min(WAIT_SLICE_S, left)), src="RIGHT", dest="RIGHT"):
+                return True
+            if self._redis.exists(*every_list):  # another queue's turn, or a priority list
+                return True
+        return False
 
     def _pop(self, queues: list[str], room: int) -> list[Job]:
         jobs: list[Job] = []

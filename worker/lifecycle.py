@@ -206,7 +206,7 @@ class LivenessStep(bootsteps.StartStopStep):
             name=parent.hostname,
             ttl=settings.liveness_ttl,
             sweep=reclaimer.sweep,
-            on_beat=transport.pending_acks.flush,
+            on_beat=transport.deferred.flush,
         )
         beacon.start()
 

@@ -18,7 +18,8 @@
   channel keeps them: their tasks go on, and ack through a client of their own once
   Redis answers. What this process drops or leaves behind, the reclaimer hands back.
 * **An ack never fails a task.** One that cannot reach Redis is kept and sent again by
-  the liveness beacon when Redis answers.
+  the liveness beacon when Redis answers; so is a message taken whose delivery could not
+  be recorded (it goes back to its queue).
 """
 
 from __future__ import annotations
@@ -40,35 +41,51 @@ from wire.message import Unreadable, check_envelope, decode
 log = structlog.get_logger("worker")
 
 
-class _PendingAcks:
-    """Acks that could not reach Redis: (delivery tag, task id), sent again later."""
+class _Deferred:
+    """What could not reach Redis, sent again by the liveness beacon once it answers: acks
+    (delivery tag, task id), and messages taken but never recorded (list key, message)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: dict[str, str | None] = {}
+        self._acks: dict[str, str | None] = {}
+        self._requeues: list[tuple[str, str]] = []
 
     def add(self, tag: str, task_id: str | None) -> None:
         with self._lock:
-            self._items[tag] = task_id
+            self._acks[tag] = task_id
+
+    def requeue(self, list_key: str, message: str) -> None:
+        with self._lock:
+            self._requeues.append((list_key, message))
+
+    def tags(self) -> set[str]:
+        with self._lock:
+            return set(self._acks)
 
     def flush(self, client: redis.Redis) -> int:
         with self._lock:
-            items, self._items = self._items, {}
-        if not items:
+            acks, self._acks = self._acks, {}
+            requeues, self._requeues = self._requeues, []
+        if not acks and not requeues:
             return 0
         try:
             with client.pipeline(transaction=False) as pipe:
-                for tag, task_id in items.items():
+                for tag, task_id in acks.items():
                     _remove(pipe, tag, task_id)
+                for list_key, message in requeues:
+                    pipe.rpush(list_key, message)  # the head of its queue, where it was taken from
                 pipe.execute()
         except redis.RedisError:
             with self._lock:
-                self._items = {**items, **self._items}
+                self._acks = {**acks, **self._acks}
+                self._requeues = requeues + self._requeues
             raise
-        return len(items)
+        if requeues:
+            log.warning("transport.requeued", messages=len(requeues))
+        return len(acks) + len(requeues)
 
 
-pending_acks = _PendingAcks()
+deferred = _Deferred()
 
 
 def _remove(pipe: Any, tag: str, task_id: str | None) -> None:
@@ -81,8 +98,9 @@ _open_qos: weakref.WeakSet[QoS] = weakref.WeakSet()
 
 
 def unacked_tags() -> set[str]:
-    """The delivery tags this process has taken on open channels and not yet acked."""
-    tags: set[str] = set()
+    """The delivery tags this process has taken on open channels and not yet acked, and
+    those whose ack waits for Redis."""
+    tags = deferred.tags()
     for qos in list(_open_qos):
         if not qos.channel.closed:
             tags.update(tag for tag in list(qos._delivered) if tag not in qos._dirty)
@@ -99,10 +117,17 @@ class QoS(broker.kombu_redis.QoS):
 
         delivery = message.delivery_info
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(self.unacked_key, delivery_tag, record).hset(
-                keys.UNACKED_OWNER, delivery_tag, identity()
-            ).execute()
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(
+                    self.unacked_key, delivery_tag, record
+                ).hset(keys.UNACKED_OWNER, delivery_tag, identity()).execute()
+        except (redis.ConnectionError, redis.TimeoutError):
+            # taken off its queue but not recorded: it goes back once Redis answers, and is
+            # not handed to Celery (raised as the connection error it is)
+            queue = delivery["routing_key"]
+            deferred.requeue(keys.priority_list(queue, message.properties.get("priority")), dumps(message._raw))
+            raise
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
@@ -113,7 +138,7 @@ class QoS(broker.kombu_redis.QoS):
                 _remove(pipe, delivery_tag, task_id)
                 pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            pending_acks.add(delivery_tag, task_id)
+            deferred.add(delivery_tag, task_id)
             log.warning("transport.ack_deferred", tag=delivery_tag, task_id=task_id, error=str(exc))
         virtual.QoS.ack(self, delivery_tag)
 
