@@ -192,11 +192,17 @@ def test_ten_thousand_mixed_tasks_through_a_killed_worker_and_a_redis_restart(
 
         lost = {k: v for k, v in outcomes.items() if v[0] != "ok"}
         ok_runs: Counter[str] = Counter()
+        runs: dict[str, list[str]] = {}
         for worker in (victim, survivor):
             for e in worker.events():
                 if e.get("event") == "task.done" and e.get("outcome") == "ok":
                     ok_runs[e["task_id"]] += 1
+                    runs.setdefault(e["task_id"], []).append(
+                        f"{worker.name.split('-')[1]} {e['task']} {e['timestamp']}"
+                    )
         twice = [t for t in outcomes if ok_runs[t] > 1]
+        for task_id in twice:  # a producer's send retried through the outage, or a kill between store and ack
+            print(f"answered twice: {task_id}: {runs[task_id]}")
         marks = ", ".join(f"{k} at {v - started:.0f}s" for k, v in events.items())
         print(
             f"\n{len(outcomes)} tasks in {took:.0f}s ({marks}); not answered right: {len(lost)} "
