@@ -116,7 +116,8 @@ def malformed(queue: str, name: str, task: str = "embed") -> tuple[bytes, str | 
 
 
 _JSON_LEAVES: list[Any] = [None, True, 0, -1, 2**40, 1.5, float("nan"), "", "x", "\ud800", [], {}, [None], {"a": None}]
-_PATHS: list[tuple[str, ...]] = [
+# the fields a mutation replaces or removes
+FIELDS: list[tuple[str, ...]] = [
     ("body",),
     ("content-type",),
     ("content-encoding",),
@@ -151,7 +152,7 @@ def fuzzed(queue: str, seed: int, task: str = "embed") -> bytes:
     for _ in range(rng.randint(1, 3)):
         kind = rng.random()
         if kind < 0.45:
-            path = rng.choice(_PATHS)
+            path = rng.choice(FIELDS)
             value = rng.choice([*_JSON_LEAVES, "__delete__"])
             with contextlib.suppress(KeyError, TypeError, AttributeError):  # a parent was replaced already
                 (_delete(path) if value == "__delete__" else _set(path, value))(envelope)

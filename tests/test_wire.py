@@ -14,7 +14,7 @@ from celery import Celery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.malformed import MALFORMED, RAW_MALFORMED, fuzzed, malformed, valid_envelope
+from tests.malformed import FIELDS, MALFORMED, RAW_MALFORMED, fuzzed, malformed, valid_envelope
 from wire.message import TaskMessage, Unreadable, decode
 
 QUEUE = "wire-test"
@@ -95,25 +95,6 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-FIELDS = [
-    ("body",),
-    ("content-type",),
-    ("content-encoding",),
-    ("headers",),
-    ("headers", "task"),
-    ("headers", "id"),
-    ("headers", "eta"),
-    ("headers", "expires"),
-    ("headers", "timelimit"),
-    ("headers", "retries"),
-    ("headers", "ignore_result"),
-    ("properties",),
-    ("properties", "delivery_tag"),
-    ("properties", "delivery_info"),
-    ("properties", "delivery_info", "routing_key"),
-    ("properties", "body_encoding"),
-    ("properties", "priority"),
-]
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
