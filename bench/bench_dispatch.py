@@ -282,7 +282,7 @@ def main() -> None:
     }
 
 `intake`: `celery` is one Celery task per message; `bulk` is the worker's own consumer for
-encoder-only queues (the default; worker/bulk.py), which runs `celery.accumulate`, not an
+encoder-only queues (the default; worker/intake/), which runs `celery.accumulate`, not an
 encoder task, through Celery's tracer in a side thread.
 `trivial`: Celery's built-in `celery.accumulate` (returns its argument) on the worker's
 queue: Celery + JSON + Redis for a task that succeeds, nothing of ours. `invalid`: `embed`

@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from models.errors import InferenceError
+from wire.errors import InferenceError
 
 log = structlog.get_logger(__name__)
 STATS_LOG_INTERVAL_S = 60.0

@@ -28,7 +28,6 @@ from transformers import (
 from models.base import GENERATE
 from models.compute import ComputeThread
 from models.device import flash_attention_available, resolve_dtype
-from models.errors import InferenceError, TimeLimitReached
 from models.generation import (
     GenerationControl,
     GenerationParams,
@@ -37,6 +36,7 @@ from models.generation import (
     check_context,
     wait_for_turn,
 )
+from wire.errors import InferenceError, TimeLimitReached
 
 log = structlog.get_logger(__name__)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from models.errors import InferenceError
+from wire.errors import InferenceError
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from models.errors import InferenceError, InvalidRequest, TimeLimitReached
+from wire.errors import InferenceError, InvalidRequest, TimeLimitReached
 
 
 @dataclass(frozen=True)

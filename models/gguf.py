@@ -19,7 +19,6 @@ import structlog
 
 from models.base import GENERATE
 from models.compute import ComputeThread
-from models.errors import InferenceError, InvalidRequest, TimeLimitReached
 from models.generation import (
     GenerationControl,
     GenerationParams,
@@ -28,6 +27,7 @@ from models.generation import (
     check_context,
     wait_for_turn,
 )
+from wire.errors import InferenceError, InvalidRequest, TimeLimitReached
 
 log = structlog.get_logger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from models.base import Runtime
-from models.errors import InvalidRequest
+from wire.errors import InvalidRequest
 
 
 class RuntimeRegistry:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.errors import InvalidRequest
+from wire.errors import InvalidRequest
 
 PACKAGE_PREFIX = "package:"
 

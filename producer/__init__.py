@@ -4,7 +4,7 @@ Imports neither torch nor transformers. It is a convenience over CONTRACT.md; a 
 that uses plain ``celery.Celery.send_task`` (or any Celery-protocol client) works as well.
 """
 
-from models.errors import InferenceError, InvalidRequest, WorkerError
 from producer.client import InferenceClient, TaskFailed
+from wire.errors import InferenceError, InvalidRequest, WorkerError
 
 __all__ = ["InferenceClient", "InferenceError", "InvalidRequest", "TaskFailed", "WorkerError"]

@@ -17,11 +17,13 @@ import redis
 import redis.asyncio as aioredis
 from celery import Celery
 
-from models.errors import InferenceError, InvalidRequest, TimeLimitReached, TransientError, WorkerError
 from producer.broker import transport_for
-from producer.messages import origin, task_message
 from producer.results import AsyncResultWaiter, ResultWaiter
-from producer.streams import STREAM_PREFIX, aread_stream, read_stream
+from producer.streams import aread_stream, read_stream
+from wire.encode import origin, task_message
+from wire.errors import InferenceError, InvalidRequest, TimeLimitReached, TransientError, WorkerError
+from wire.keys import CANCEL_PREFIX, STREAM_PREFIX
+from wire.limits import TIME_LIMITS
 
 _KNOWN_ERRORS: dict[str, type[Exception]] = {
     "InvalidRequest": InvalidRequest,
@@ -29,7 +31,7 @@ _KNOWN_ERRORS: dict[str, type[Exception]] = {
     "TransientError": TransientError,
     "TimeLimitReached": TimeLimitReached,
 }
-DEFAULT_TIMEOUTS = {"embed": 60.0, "rerank": 60.0, "ner": 60.0, "classify": 60.0, "generate": 600.0}
+DEFAULT_TIMEOUTS = dict(TIME_LIMITS)  # a producer waits as long as its task may run
 
 
 class TaskFailed(WorkerError):
@@ -90,7 +92,7 @@ class InferenceClient:
             broker_connection_retry_on_startup=True,
         )
         # on a plain Redis broker the client writes the task message itself, one LPUSH
-        # (producer/messages.py); other broker URLs (Sentinel, sockets) send through Celery
+        # (wire/encode.py); other broker URLs (Sentinel, sockets) send through Celery
         transport = transport_for(redis_url)
         self._direct = transport is not None and not send_via_celery
         if transport:
@@ -258,11 +260,11 @@ class InferenceClient:
 
     def cancel(self, task_id: str, ttl: int = 3600) -> None:
         """Stop a running generation (or keep a queued one from starting): CONTRACT §5."""
-        self._redis.set("cancel:" + task_id, "1", ex=ttl)
+        self._redis.set(CANCEL_PREFIX + task_id, "1", ex=ttl)
         self.celery.control.revoke(task_id)
 
     async def acancel(self, task_id: str, ttl: int = 3600) -> None:
-        await self._async_redis().set("cancel:" + task_id, "1", ex=ttl)
+        await self._async_redis().set(CANCEL_PREFIX + task_id, "1", ex=ttl)
         await asyncio.to_thread(self.celery.control.revoke, task_id)
 
     def _async_side(self) -> _AsyncSide:

@@ -15,8 +15,8 @@ import structlog
 from celery import Task, states
 from celery.exceptions import Ignore
 
-from models.errors import InferenceError, InvalidRequest, TransientError, WorkerError
 from tasks.schemas import Limits, Request, parse
+from wire.errors import InferenceError, InvalidRequest, TransientError, WorkerError
 
 log = structlog.get_logger("tasks")
 R = TypeVar("R", bound=Request)
@@ -76,20 +76,36 @@ def serve(
         queue=(request.delivery_info or {}).get("routing_key"),
     )
     started = time.perf_counter()
-    outcome = "error"
+    outcome, error = "error", None
     try:
         result = handler(validate(kind, schema, args, kwargs, task.limits()))
         outcome = "ok"
         return result
-    except InvalidRequest as exc:
-        outcome = "invalid"
-        log.info("task.rejected", error=str(exc))
-        raise
-    except WorkerError:
-        raise
     except Exception as exc:
-        log.exception("task.failed")
-        raise InferenceError(f"{type(exc).__name__}: {exc}") from None
+        outcome, error = contract_error(exc)
+        if error is exc:
+            raise
+        raise error from None
     finally:
-        log.info("task.done", outcome=outcome, duration_ms=round((time.perf_counter() - started) * 1000, 2))
+        log_done(outcome, time.perf_counter() - started, error)
         structlog.contextvars.clear_contextvars()
+
+
+def contract_error(exc: Exception, **context: Any) -> tuple[str, WorkerError]:
+    """The error edge, for Celery-run tasks and the bulk intake alike: the outcome to log
+    and the contract's error for an exception raised while serving a task. A wrong request
+    stays ``InvalidRequest``, the worker's own errors stay as they are, and anything else
+    is logged with its traceback (``task.failed``) and becomes ``InferenceError``."""
+    if isinstance(exc, InvalidRequest):
+        return "invalid", exc
+    if isinstance(exc, WorkerError):
+        return "error", exc
+    log.error("task.failed", exc_info=exc, **context)
+    return "error", InferenceError(f"{type(exc).__name__}: {exc}")
+
+
+def log_done(outcome: str, seconds: float, error: BaseException | None = None, **context: Any) -> None:
+    """One ``task.done`` line per task (and ``task.rejected`` before it for a wrong request)."""
+    if outcome == "invalid":
+        log.info("task.rejected", error=str(error), **context)
+    log.info("task.done", outcome=outcome, duration_ms=round(seconds * 1000, 2), **context)

@@ -118,4 +118,4 @@ PLANNERS: dict[str, tuple[type[Request], Callable[[Any], Plan]]] = {
     CLASSIFY: (ClassifyRequest, plan_classify),
 }
 """Each encoder task's request schema and planner: for its Celery task, and for the bulk
-intake (worker/bulk.py)."""
+intake (worker/intake/)."""

@@ -11,18 +11,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import redis
 import structlog
 from celery import shared_task
 
 from models.base import GENERATE
-from models.errors import InferenceError, InvalidRequest, WorkerError
 from models.generation import GenerationControl, GenerationParams
 from models.registry import registry
 from tasks.base import InferenceTask, drop_if_answered, serve
+from tasks.ports import Services
 from tasks.schemas import GenerateRequest
-from wire.keys import REDELIVERIES
-from worker.streams import CancelWatch, StreamPublisher, replay, worker_redis
+from wire.errors import InferenceError, InvalidRequest, WorkerError
 
 log = structlog.get_logger("tasks")
 
@@ -32,21 +30,22 @@ def generate(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     started = time.monotonic()
     settings = self.app.settings
     task_id = self.request.id
+    services: Services = self.app.services
     drop_if_answered(self)
-    attempt = delivery_attempt(self.request)
+    attempt = delivery_attempt(self.request, services)
     # a producer asking for a stream is waiting on it: it gets an error message even when
     # the request is refused before it is fully parsed
-    publisher = StreamPublisher(worker_redis(), task_id, settings.stream_ttl) if kwargs.get("stream") is True else None
+    publisher = services.publisher(task_id) if kwargs.get("stream") is True else None
     if publisher is not None:
         last = publisher.resume(attempt)
         if last is not None and last.get("type") in ("end", "error"):
-            return finished_stream(task_id, kwargs.get("model"), last)
+            return finished_stream(services, task_id, kwargs.get("model"), last)
 
     def run(req: GenerateRequest) -> dict[str, Any]:
         runtime = registry.get(req.model, GENERATE)
         control = GenerationControl(
             on_text=publisher.token if publisher else None,
-            should_stop=CancelWatch(worker_redis(), task_id),
+            should_stop=services.cancel_watch(task_id),
             deadline=started + settings.time_limits["generate"],
         )
         params = GenerationParams(**req.model_dump(include=set(GenerationParams.__dataclass_fields__)))
@@ -68,23 +67,19 @@ def generate(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         raise
 
 
-def delivery_attempt(request: Any) -> int:
+def delivery_attempt(request: Any, services: Services) -> int:
     """Which delivery of its task this is, from 1: one more than the times the task was
-    handed back after its worker died (worker/reclaim.py)."""
+    handed back after its worker died."""
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
-    try:
-        lost = int(worker_redis().hget(REDELIVERIES, request.id) or 0)
-    except redis.RedisError:
-        lost = 0
-    return max(lost + 1, 2 if redelivered else 1)
+    return max(services.times_lost(request.id) + 1, 2 if redelivered else 1)
 
 
-def finished_stream(task_id: str, model: Any, last: dict[str, Any]) -> dict[str, Any]:
+def finished_stream(services: Services, task_id: str, model: Any, last: dict[str, Any]) -> dict[str, Any]:
     """The result of a generation whose stream an earlier delivery finished, from the stream."""
     log.info("task.rebuilt_from_stream", task_id=task_id, task="generate")
     if last["type"] == "error":
         error = last.get("error") or {}
         cls = InvalidRequest if error.get("type") == "InvalidRequest" else InferenceError
         raise cls(str(error.get("message", "")))
-    text = "".join(m["text"] for m in replay(worker_redis(), task_id) if m["type"] == "token")
+    text = "".join(m["text"] for m in services.stream_since_reset(task_id) if m["type"] == "token")
     return {"model": model, "text": text, "finish_reason": last["finish_reason"], "usage": last["usage"]}

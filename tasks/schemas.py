@@ -12,12 +12,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from models.errors import InvalidRequest
+from wire.errors import InvalidRequest
+from wire.limits import MAX_ITEMS, MAX_TEXT_CHARS
 
 
 class Limits(BaseModel):
-    max_items: int = 2048
-    max_text_chars: int = 1_000_000
+    max_items: int = MAX_ITEMS
+    max_text_chars: int = MAX_TEXT_CHARS
 
 
 def _check_text(value: Any, field: str, limits: Limits) -> str:

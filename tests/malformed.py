@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from producer.messages import task_message
+from wire.encode import task_message
 
 
 def valid_envelope(queue: str, task: str = "embed", kwargs: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -21,12 +21,12 @@ import pytest
 import redis
 from celery import Celery
 
-from producer.messages import task_message
 from producer.streams import stream_text
 from tests.conftest import RESULT_TIMEOUT, WorkerProcess, queue_name
 from tests.malformed import MALFORMED, RAW_MALFORMED, fuzzed, malformed
 from tests.redis_servers import RedisServer
 from wire import keys
+from wire.encode import task_message
 
 PROMPT = "The history of the city of Rome begins"
 

@@ -1,4 +1,4 @@
-"""The bulk intake (worker/bulk.py) against a real worker and Redis: what Celery does for a
+"""The bulk intake (worker/intake/) against a real worker and Redis: what Celery does for a
 message, the intake does too (revoke, expiry, ETA, priorities, canvas callbacks, unknown
 task names, a warm shutdown), and the ``celery`` intake still gives the same numbers."""
 

@@ -1,4 +1,4 @@
-"""The producer client writes its task messages itself (producer/messages.py). The oracle
+"""The producer client writes its task messages itself (wire/encode.py). The oracle
 is Celery: for the same task id, what ``send_task`` stores on the queue's Redis list must
 be what the client stores, field by field. The workers that consume these messages are
 exercised by every test that sends through ``InferenceClient`` (Celery's consumer in
@@ -22,7 +22,7 @@ from celery import Celery
 from celery.signals import before_task_publish
 
 from producer import InferenceClient
-from producer.messages import origin, task_message
+from wire.encode import origin, task_message
 
 # differ between any two sends, whoever makes them
 PER_SEND = ("delivery_tag", "reply_to")

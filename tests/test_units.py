@@ -15,9 +15,9 @@ import yaml
 
 from models.batcher import BatchLimits, DynamicBatcher, plan_batches
 from models.compute import ComputeThread, shared_compute_thread
-from models.errors import InferenceError
 from models.generation import StopScanner, check_context
 from producer.streams import _Cursor
+from wire.errors import InferenceError
 
 # -- settings ----------------------------------------------------------------------------
 
@@ -437,7 +437,7 @@ def test_bulk_pop_records_messages_as_kombu_does_so_kombu_can_restore_them(redis
     from kombu import Exchange, Queue
 
     from wire.keys import UNACKED, UNACKED_INDEX, UNACKED_OWNER, priority_keys
-    from worker.bulk import POP_SCRIPT
+    from worker.intake.source import POP_SCRIPT
 
     UNACKED_KEY, UNACKED_INDEX_KEY = UNACKED, UNACKED_INDEX  # noqa: N806
 
@@ -494,38 +494,40 @@ def test_bulk_completer_answers_each_job_once_in_the_order_they_finish(redis_url
     from celery import Celery
 
     from tasks.schemas import Limits
-    from worker.bulk import BulkIntake, Job
+    from worker.intake import BulkIntake, Job
+    from worker.intake.job import JobState
 
     app = Celery("t", broker=redis_url, backend=redis_url, set_as_current=False)
     intake = BulkIntake(
         app, ["q"], redis_url=redis_url, prefetch=8, time_limits={"embed": 60}, limits=Limits(), hostname="h"
     )
+    completer = intake.completer
     flushed: list[list[tuple[str, str | None]]] = []
-    intake._flush = lambda jobs: flushed.append([(j.task_id, j.state) for j in jobs])  # type: ignore[method-assign]
+    completer._flush = lambda jobs: flushed.append([(j.task_id, j.state) for j in jobs])  # type: ignore[method-assign]
 
     def finish(job: Job) -> None:
-        job.state = "SUCCESS"
+        job.settle(JobState.SUCCESS, "ok")
 
-    intake._finish = finish  # type: ignore[method-assign]
+    completer._finish = finish  # type: ignore[method-assign]
     far = time.monotonic() + 60
     early, late, slow, stuck = (Job(raw=b"", key="q", task_id=t, name="embed", deadline=far) for t in "ELSX")
     stuck.deadline = time.monotonic() + 0.2
-    intake._done.put((early, object()))  # done before its group came
-    intake._done.put([early, late, slow, stuck])
-    intake._done.put((late, object()))
-    intake._done.put((late, object()))  # a second report changes nothing
-    thread = threading.Thread(target=intake._complete_loop)
+    completer.inbox.put((early, object()))  # done before its group came
+    completer.inbox.put([early, late, slow, stuck])
+    completer.inbox.put((late, object()))
+    completer.inbox.put((late, object()))  # a second report changes nothing
+    thread = threading.Thread(target=completer.run)
     thread.start()
     time.sleep(0.05)
-    intake._done.put((slow, object()))
-    intake._done.put(None)
+    completer.inbox.put((slow, object()))
+    completer.inbox.put(None)
     thread.join(5)
     assert not thread.is_alive()
     answered = [entry for batch in flushed for entry in batch]
     assert sorted(answered) == [("E", "SUCCESS"), ("L", "SUCCESS"), ("S", "SUCCESS"), ("X", "FAILURE")]
     assert answered[-1] == ("X", "FAILURE") and "time limit" in str(stuck.error)
-    intake._tracer_pool.shutdown()
-    intake._redis.close()
+    intake.dispatcher.shutdown()
+    intake.source.close()
 
 
 def test_a_cuda_worker_keeps_cudnn_out_of_attention() -> None:

@@ -1,5 +1,5 @@
 """The task-message reader every message passes before a worker touches it
-(wire/message.py): it reads what Celery writes, and refuses, with a reason and the task id
+(wire/decode.py): it reads what Celery writes, and refuses, with a reason and the task id
 where one can be read, everything a consumer could choke on. Fuzzed with hypothesis."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.malformed import FIELDS, MALFORMED, RAW_MALFORMED, fuzzed, malformed, valid_envelope
-from wire.message import TaskMessage, Unreadable, decode
+from wire.decode import TaskMessage, Unreadable, decode
 
 QUEUE = "wire-test"
 

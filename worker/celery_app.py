@@ -13,6 +13,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from worker.backend import backend_url
+from worker.services import RedisServices
 from worker.settings import ConfigError, WorkerSettings, load_settings
 from worker.transport import transport_for
 
@@ -21,6 +22,7 @@ RESULT_STORE_RETRY_S = 60.0
 
 app = Celery("worker", include=TASK_MODULES)
 app.settings = None  # type: ignore[attr-defined]  # set by _configure
+app.services = None  # type: ignore[attr-defined]  # set by _configure: what tasks ask of Redis (tasks/ports.py)
 
 
 def celery_config(settings: WorkerSettings) -> dict[str, Any]:
@@ -92,6 +94,7 @@ def _configure(sender: Celery, **_: Any) -> None:
     except ConfigError as exc:
         raise SystemExit(f"worker: {exc}") from None
     sender.settings = settings  # type: ignore[attr-defined]
+    sender.services = RedisServices(settings.redis_url, settings.stream_ttl)  # type: ignore[attr-defined]
     sender.config_from_object(celery_config(settings))
 
 

@@ -2,7 +2,7 @@
 never fatal.
 
 The transport (worker/transport.py) already keeps out every message that
-:func:`wire.message.decode` cannot read. This is the second line: any other exception
+:func:`wire.decode.decode` cannot read. This is the second line: any other exception
 from Celery's handling of one message (a case the check did not foresee) acks that
 message and fails its task, as an unreadable one, instead of stopping the worker.
 """
@@ -15,7 +15,7 @@ from celery.utils.log import get_logger
 from celery.worker.consumer import Consumer as CeleryConsumer
 from vine import promise
 
-from wire.message import Unreadable
+from wire.decode import Unreadable
 
 logger = get_logger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``celery -A worker inspect model_stats`` prints each hosted model's counters (and the bulk
 intake's). Celery's ``cancel_consumer``, ``add_consumer`` and ``active_queues`` also cover
-the queues the bulk intake consumes (worker/bulk.py), which Celery's own consumer does not.
+the queues the bulk intake consumes (worker/intake/), which Celery's own consumer does not.
 """
 
 from __future__ import annotations

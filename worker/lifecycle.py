@@ -128,7 +128,7 @@ app.steps["worker"].add(LoadModels)
 
 
 class BulkIntakeStep(bootsteps.StartStopStep):
-    """Runs the bulk intake (worker/bulk.py) on the encoder-only queues, which Celery's own
+    """Runs the bulk intake (worker/intake/) on the encoder-only queues, which Celery's own
     consumer then leaves alone. Starts after the models load; stops, answering what it
     holds, before they close."""
 
@@ -145,7 +145,7 @@ class BulkIntakeStep(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         from tasks.schemas import Limits
-        from worker.bulk import BulkIntake
+        from worker.intake import BulkIntake
 
         global intake
         settings = current_settings()
@@ -168,7 +168,7 @@ class BulkIntakeStep(bootsteps.StartStopStep):
 
 
 intake: Any = None
-"""The running :class:`~worker.bulk.BulkIntake`, if any (for ``inspect model_stats``)."""
+"""The running :class:`~worker.intake.BulkIntake`, if any (for ``inspect model_stats``)."""
 
 app.steps["worker"].add(BulkIntakeStep)
 

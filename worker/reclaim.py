@@ -31,8 +31,8 @@ from typing import Any
 import redis
 import structlog
 
-from models.errors import InferenceError
 from wire import keys
+from wire.errors import InferenceError
 
 log = structlog.get_logger("worker")
 

@@ -16,8 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from wire.limits import MAX_ITEMS, MAX_TEXT_CHARS, TASK_KINDS, TIME_LIMITS
+
 TaskKind = Literal["embed", "rerank", "ner", "classify", "generate"]
-TASK_KINDS: tuple[str, ...] = ("embed", "rerank", "ner", "classify", "generate")
 
 
 class ConfigError(Exception):
@@ -116,13 +117,7 @@ DEFAULT_MODELS: dict[str, dict[str, Any]] = {
     },
 }
 
-DEFAULT_TIME_LIMITS: dict[str, float] = {
-    "embed": 60.0,
-    "rerank": 60.0,
-    "ner": 60.0,
-    "classify": 60.0,
-    "generate": 600.0,
-}
+DEFAULT_TIME_LIMITS: dict[str, float] = dict(TIME_LIMITS)
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):
@@ -165,14 +160,14 @@ class WorkerSettings(BaseSettings):
     intake: Literal["bulk", "celery"] = Field(
         "bulk",
         description="How queues that carry only encoder models are consumed: 'bulk' takes many messages per "
-        "Redis call and answers them without a pool thread each (worker/bulk.py); 'celery' runs one Celery "
+        "Redis call and answers them without a pool thread each (worker/intake/); 'celery' runs one Celery "
         "task per message. Queues with a generate model, and the prefork pool, always use Celery's.",
     )
     intake_prefetch: int = Field(
         128, ge=1, le=4096, description="Most messages the bulk intake holds at once (taken, not yet answered)."
     )
-    max_items: int = Field(2048, ge=1, description="Most inputs (texts, documents) in one request.")
-    max_text_chars: int = Field(1_000_000, ge=1, description="Longest single text accepted, in characters.")
+    max_items: int = Field(MAX_ITEMS, ge=1, description="Most inputs (texts, documents) in one request.")
+    max_text_chars: int = Field(MAX_TEXT_CHARS, ge=1, description="Longest single text accepted, in characters.")
     time_limits: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_TIME_LIMITS), description="Seconds each task kind may run."
     )

@@ -26,12 +26,8 @@ import redis
 import structlog
 
 from wire.keys import CANCEL_PREFIX, STREAM_PREFIX
-from worker.celery_app import current_settings
 
 log = structlog.get_logger(__name__)
-
-_client: redis.Redis | None = None
-_client_lock = threading.Lock()
 
 WRITE_RETRY_S = 30.0
 RETRY_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0)
@@ -56,7 +52,7 @@ def replay(client: redis.Redis, task_id: str) -> list[dict[str, Any]]:
     return messages[start:]
 
 
-def end_with_error(client: redis.Redis, task_id: str, error_type: str, message: str, ttl: int | None = None) -> None:
+def end_with_error(client: redis.Redis, task_id: str, error_type: str, message: str, ttl: int) -> None:
     """End a task's stream with an ``error`` message, after whatever it already holds
     (for a task that fails without running: it could not be read, or was lost too often)."""
     last = last_message(client, task_id)
@@ -69,17 +65,8 @@ def end_with_error(client: redis.Redis, task_id: str, error_type: str, message: 
     )
     key = STREAM_PREFIX + task_id
     with client.pipeline(transaction=False) as pipe:
-        pipe.xadd(key, {"data": data}).expire(key, ttl or current_settings().stream_ttl).publish(key, data)
+        pipe.xadd(key, {"data": data}).expire(key, ttl).publish(key, data)
         pipe.execute()
-
-
-def worker_redis() -> redis.Redis:
-    """One connection pool per worker process, shared by every task thread."""
-    global _client
-    with _client_lock:
-        if _client is None:
-            _client = redis.Redis.from_url(current_settings().redis_url, health_check_interval=30)
-        return _client
 
 
 class StreamPublisher:

@@ -1,7 +1,7 @@
 """The worker's kombu Redis transport: kombu's, with five changes for the consuming side.
 
 * **Every message is read before kombu builds it.** The BRPOP reply passes
-  :func:`wire.message.decode` first. A message that fails it (not JSON, a body of the wrong
+  :func:`wire.decode.decode` first. A message that fails it (not JSON, a body of the wrong
   shape, a header of the wrong type, pickle) is never handed to kombu or Celery: it is
   logged and dropped, and its task, where its id can be read, fails with
   ``InvalidRequest`` (worker/unreadable.py). Broadcast (fanout) messages of the wrong shape
@@ -36,7 +36,7 @@ from kombu.utils.json import dumps
 
 from producer import broker
 from wire import keys
-from wire.message import Unreadable, check_envelope, decode
+from wire.decode import Unreadable, check_envelope, decode
 
 log = structlog.get_logger("worker")
 

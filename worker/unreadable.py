@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import structlog
 
-from models.errors import InvalidRequest, WorkerError
-from wire.message import Unreadable
+from wire.decode import Unreadable
+from wire.errors import InvalidRequest, WorkerError
 
 log = structlog.get_logger("worker")
 
@@ -23,11 +23,12 @@ def fail(task_id: str, error: WorkerError, *, stream: bool) -> None:
     """Store ``error`` as the task's result and, for a generation, end its stream with it.
     Best effort: a failure here is logged, never raised into the consumer."""
     from worker.celery_app import app
-    from worker.streams import end_with_error, worker_redis
+    from worker.streams import end_with_error
 
     try:  # the stream first, as a generation ends it before its result is stored
         if stream:
-            end_with_error(worker_redis(), task_id, type(error).__name__, str(error))
+            services = app.services
+            end_with_error(services.redis, task_id, type(error).__name__, str(error), services.stream_ttl)
         app.backend.mark_as_failure(task_id, error)
     except Exception as exc:  # noqa: BLE001
         log.error("task.fail_not_stored", task_id=task_id, error=str(exc))

@@ -1,12 +1,14 @@
-"""Celery task messages, written straight to a Redis queue.
+"""Celery task messages as the producer client writes them, straight to a Redis queue.
 
 ``Celery.send_task`` costs a web app about 0.5 ms of CPU per message on top of the Redis
-``LPUSH`` that carries it (0.62-0.70 ms a send, 0.12-0.13 for the ``LPUSH`` alone): routing, the producer pool, signals, kombu's entity
-copies and ``maybe_declare``, the message object and a second JSON pass. The client's
+``LPUSH`` that carries it (0.62-0.70 ms a send, 0.12-0.13 for the ``LPUSH`` alone):
+routing, the producer pool, signals, kombu's entity copies and ``maybe_declare``, the
+message object and a second JSON pass. The client's
 sends are always the same shape (keyword arguments only, priority 0, no ETA, no canvas),
 so it writes that message itself: the same protocol-2 message, in the same envelope
 kombu's Redis transport stores, pushed with one ``LPUSH`` on the queue's list. A worker,
-Celery's consumer or ours (``worker/bulk.py``), cannot tell the two apart;
+Celery's consumer or the bulk intake, cannot tell the two apart (both read it with
+:func:`wire.decode.decode`);
 ``tests/test_messages.py`` compares them field by field with what ``send_task`` writes.
 
 This applies to ``redis://`` and ``rediss://`` brokers, where the queue is a Redis list of
