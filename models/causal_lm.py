@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -36,20 +35,10 @@ from models.generation import (
     check_context,
     wait_for_turn,
 )
+from models.options import CausalLMOptions
 from wire.errors import InferenceError, TimeLimitReached
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class CausalLMOptions:
-    source: str
-    device: str = "cpu"
-    dtype: str = "auto"
-    max_length: int | None = None
-    trust_remote_code: bool = True
-    revision: str | None = None
-    gguf_file: str | None = None
 
 
 def fallback_chat_prompt(messages: list[dict[str, str]]) -> str:
@@ -74,11 +63,12 @@ class _Halt(StoppingCriteria):
 
 
 class CausalLMRuntime:
-    def __init__(self, alias: str, options: CausalLMOptions) -> None:
+    def __init__(self, alias: str, source: str, device: str, options: CausalLMOptions) -> None:
         self.alias = alias
         self.options = options
+        self.source = source
         self.capabilities = frozenset({GENERATE})
-        self.device = options.device
+        self.device = device
         # loading and every generation on the model's own thread (models/compute.py); a
         # request's thread reads the streamer while its generation runs there, and
         # concurrent requests take their turns
@@ -92,16 +82,16 @@ class CausalLMRuntime:
         common: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "revision": opts.revision}
         if opts.gguf_file:
             common["gguf_file"] = opts.gguf_file
-        config = AutoConfig.from_pretrained(opts.source, **common)
+        config = AutoConfig.from_pretrained(self.source, **common)
         self.context = opts.max_length or next(
             (int(v) for v in (getattr(config, a, None) for a in ("max_position_embeddings", "n_positions")) if v),
             2048,
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(opts.source, **common)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source, **common)
         model_kwargs: dict[str, Any] = {"dtype": resolve_dtype(opts.dtype, self.device), **common}
         if flash_attention_available(self.device):
             model_kwargs["attn_implementation"] = "flash_attention_2"
-        self.model = AutoModelForCausalLM.from_pretrained(opts.source, config=config, **model_kwargs)
+        self.model = AutoModelForCausalLM.from_pretrained(self.source, config=config, **model_kwargs)
         self.model.to(self.device)
         self.model.eval()
         self.pad_token_id = (

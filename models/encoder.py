@@ -27,6 +27,7 @@ from models.batcher import BatchLimits, DynamicBatcher, Features
 from models.compute import ComputeThread, shared_compute_thread
 from models.device import flash_attention_available, resolve_dtype
 from models.ner import aggregate_simple
+from models.options import EncoderOptions
 from models.packed import PackedBert, available_linears, unpack
 from models.pooling import PoolingConfig, pool, read_pooling_config
 
@@ -54,29 +55,27 @@ class Prepared:
         return sum(len(it["input_ids"]) for it in self.items)
 
 
-@dataclass(frozen=True)
-class EncoderOptions:
-    task: str
-    source: str
-    device: str
-    dtype: str = "auto"
-    max_length: int | None = None
-    trust_remote_code: bool = True
-    revision: str | None = None
-    request_timeout: float = 60.0
-    packed: bool = True  # on the CPU, BERT-family models run without padding (models/packed.py)
-    packed_gemm: str = "auto"  # its GEMM library: auto (timed at load), torch or onednn
-    packed_attention: str = "auto"  # its short rows' attention: auto (the C kernel where usable) or torch
-
-
 class EncoderRuntime:
-    def __init__(self, alias: str, options: EncoderOptions, limits: BatchLimits) -> None:
-        if options.task not in _MODEL_CLASSES:
-            raise ValueError(f"task: the encoder runtime does not serve {options.task!r}")
+    def __init__(
+        self,
+        alias: str,
+        task: str,
+        source: str,
+        device: str,
+        options: EncoderOptions,
+        limits: BatchLimits,
+        *,
+        request_timeout: float = 60.0,
+    ) -> None:
+        if task not in _MODEL_CLASSES:
+            raise ValueError(f"task: the encoder runtime does not serve {task!r}")
         self.alias = alias
+        self.task = task
+        self.source = source
         self.options = options
-        self.capabilities = frozenset({options.task})
-        self.device = options.device
+        self.request_timeout = request_timeout
+        self.capabilities = frozenset({task})
+        self.device = device
         self._limits = limits
         self.batcher: DynamicBatcher | None = None
         self.compute: ComputeThread | None = None
@@ -102,23 +101,23 @@ class EncoderRuntime:
         opts = self.options
         common: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "revision": opts.revision}
         # config first: it tells the max length and the labels before any weights load
-        config = AutoConfig.from_pretrained(opts.source, **common)
-        self.tokenizer = AutoTokenizer.from_pretrained(opts.source, use_fast=True, **common)
+        config = AutoConfig.from_pretrained(self.source, **common)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source, use_fast=True, **common)
         if not getattr(self.tokenizer, "is_fast", False):
-            raise ValueError(f"source: {opts.source} has no fast tokenizer (offsets and batching need one)")
-        if opts.task == EMBED:
-            self.pooling = read_pooling_config(opts.source)
+            raise ValueError(f"source: {self.source} has no fast tokenizer (offsets and batching need one)")
+        if self.task == EMBED:
+            self.pooling = read_pooling_config(self.source)
         self.max_length = self._detect_max_length(config)
         model_kwargs: dict[str, Any] = {"dtype": resolve_dtype(opts.dtype, self.device), **common}
         if flash_attention_available(self.device):
             model_kwargs["attn_implementation"] = "flash_attention_2"
-        self.model = _MODEL_CLASSES[opts.task].from_pretrained(opts.source, config=config, **model_kwargs)
+        self.model = _MODEL_CLASSES[self.task].from_pretrained(self.source, config=config, **model_kwargs)
         self.model.to(self.device)
         self.model.eval()
         self.config = self.model.config
         self.id2label = {int(k): v for k, v in getattr(self.config, "id2label", {}).items()}
-        if opts.task == RERANK and self.config.num_labels != 1:
-            raise ValueError(f"task: a rerank model needs one output logit, {opts.source} has {self.config.num_labels}")
+        if self.task == RERANK and self.config.num_labels != 1:
+            raise ValueError(f"task: a rerank model needs one output logit, {self.source} has {self.config.num_labels}")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
         if opts.packed and self.device == "cpu":
@@ -139,7 +138,7 @@ class EncoderRuntime:
             "The quick brown fox jumps over the lazy dog.",
             "Ünïcödé, emoji 🙂 and   spaces: still one sentence.",
         ]
-        items = self._tokenize_pairs("which fox?", texts) if self.options.task == RERANK else self._tokenize(texts)
+        items = self._tokenize_pairs("which fox?", texts) if self.task == RERANK else self._tokenize(texts)
         padded = self._collate(items)
         gemms = [packed.linear] if self.options.packed_gemm != "auto" else available_linears()
         differences: dict[str, float] = {}
@@ -176,17 +175,17 @@ class EncoderRuntime:
         """32 inputs of 15-30 tokens (pairs for rerank), a typical batch to time GEMMs on."""
         words = "the quick brown fox jumps over a lazy dog while seven wise owls watch from the old oak".split()
         texts = [" ".join(words[(i * 5) % len(words) :] + words)[: 60 + 4 * (i % 16)] for i in range(32)]
-        if self.options.task == RERANK:
+        if self.task == RERANK:
             return self._tokenize_pairs("where do the owls sit", texts)
         return self._tokenize(texts)
 
     def warmup(self) -> None:
         sample = "The quick brown fox jumps over the lazy dog."
-        if self.options.task == EMBED:
+        if self.task == EMBED:
             self.embed([sample], normalize=True)
-        elif self.options.task == RERANK:
+        elif self.task == RERANK:
             self.rerank("fox", [sample])
-        elif self.options.task == CLASSIFY:
+        elif self.task == CLASSIFY:
             self.classify([sample])
         else:
             self.ner([sample])
@@ -200,7 +199,7 @@ class EncoderRuntime:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "task": self.options.task,
+            "task": self.task,
             "max_length": self.max_length,
             "dtype": str(self.model.dtype),
             "packed": self.packed is not None,
@@ -318,7 +317,7 @@ class EncoderRuntime:
 
     def _run(self, items: list[Features]) -> list[np.ndarray]:
         assert self.batcher is not None
-        return self.batcher.run(items, timeout=self.options.request_timeout)
+        return self.batcher.run(items, timeout=self.request_timeout)
 
     def _tokenize(self, texts: Sequence[str]) -> list[Features]:
         encoded = self.tokenizer(
@@ -361,7 +360,7 @@ class EncoderRuntime:
 
     @torch.inference_mode()
     def _forward(self, items: Sequence[Features]) -> list[np.ndarray]:
-        task = self.options.task
+        task = self.task
         if self.packed is not None:
             if task != EMBED:
                 return self.packed.outputs(items)

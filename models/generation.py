@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from wire.errors import InferenceError, InvalidRequest, TimeLimitReached
 
@@ -46,10 +45,6 @@ class GenerationResult:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
-
-
-class TextGenerator(Protocol):
-    def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult: ...
 
 
 def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -27,21 +26,10 @@ from models.generation import (
     check_context,
     wait_for_turn,
 )
+from models.options import GGUFOptions
 from wire.errors import InferenceError, InvalidRequest, TimeLimitReached
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class GGUFOptions:
-    path: str
-    device: str = "cpu"
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_threads: int | None = None
-    n_gpu_layers: int | None = None
-    chat_format: str | None = None
-    weight_repacking: bool | None = None
 
 
 _AMX_BUG = "https://github.com/ggml-org/llama.cpp/issues/20824"
@@ -114,9 +102,11 @@ def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
 
 
 class GGUFRuntime:
-    def __init__(self, alias: str, options: GGUFOptions) -> None:
+    def __init__(self, alias: str, path: str, device: str, options: GGUFOptions) -> None:
         self.alias = alias
         self.options = options
+        self.path = path
+        self.device = device
         self.capabilities = frozenset({GENERATE})
         # every llama.cpp call (load, warm-up, each generation) runs on the model's own
         # thread (see models/compute.py), which also serialises generations on its context
@@ -130,7 +120,7 @@ class GGUFRuntime:
         opts = self.options
         n_gpu_layers = opts.n_gpu_layers
         if n_gpu_layers is None:
-            n_gpu_layers = -1 if opts.device != "cpu" else 0  # every layer on a GPU, none on the CPU
+            n_gpu_layers = -1 if self.device != "cpu" else 0  # every layer on a GPU, none on the CPU
         with structlog.contextvars.bound_contextvars(model=self.alias):  # on the loader's log lines
             self.llm = self._open(opts, n_gpu_layers)
         self.n_ctx = self.llm.n_ctx()
@@ -139,13 +129,13 @@ class GGUFRuntime:
 
     def _open(self, opts: GGUFOptions, n_gpu_layers: int) -> Any:
         return open_llama(
-            opts.path,
+            self.path,
             weight_repacking=opts.weight_repacking,
             n_ctx=opts.n_ctx,
             n_batch=opts.n_batch,
             n_threads=opts.n_threads or os.cpu_count(),
             n_gpu_layers=n_gpu_layers,
-            main_gpu=int(opts.device.split(":", 1)[1]) if opts.device.startswith("cuda:") else 0,
+            main_gpu=int(self.device.split(":", 1)[1]) if self.device.startswith("cuda:") else 0,
             chat_format=opts.chat_format,
             verbose=False,
         )
@@ -180,7 +170,7 @@ class GGUFRuntime:
         self._compute.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"n_ctx": self.n_ctx, "chat_format": self.llm.chat_format, "path": self.options.path}
+        return {"n_ctx": self.n_ctx, "chat_format": self.llm.chat_format, "path": self.path}
 
     def stats(self) -> dict[str, Any]:
         return {}

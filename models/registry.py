@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+from typing import cast
 
-from models.base import Runtime
+from models.base import GENERATE, Encoder, Generator, Runtime
 from wire.errors import InvalidRequest
 
 
@@ -36,6 +37,13 @@ class RuntimeRegistry:
                 f"model: {alias!r} does not do {capability!r} (it does: {', '.join(sorted(runtime.capabilities))})"
             )
         return runtime
+
+    def encoder(self, alias: str, capability: str) -> Encoder:
+        """The runtime that serves ``alias`` for an encoder task, or ``InvalidRequest``."""
+        return cast(Encoder, self.get(alias, capability))
+
+    def generator(self, alias: str) -> Generator:
+        return cast(Generator, self.get(alias, GENERATE))
 
     def stats(self) -> dict[str, dict]:
         return {alias: runtime.stats() for alias, runtime in self._runtimes.items()}

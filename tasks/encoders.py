@@ -14,7 +14,8 @@ from tasks.base import InferenceTask, drop_if_answered, serve
 from tasks.schemas import ClassifyRequest, EmbedRequest, NerRequest, Request, RerankRequest
 
 if TYPE_CHECKING:  # torch and transformers load with the models, not with the task modules
-    from models.encoder import EncoderRuntime, Prepared
+    from models.base import Encoder
+    from models.encoder import Prepared
 
 
 @shared_task(name="embed", base=InferenceTask, bind=True)
@@ -48,7 +49,7 @@ class Plan:
     """A validated request bound to its runtime: how to prepare it (tokenize), and how to
     build the task's result from the runtime's output and the token count."""
 
-    runtime: EncoderRuntime
+    runtime: Encoder
     prepare: Callable[[], Prepared]
     build: Callable[[Any, int], dict[str, Any]]
 
@@ -60,7 +61,7 @@ def execute(plan: Plan) -> dict[str, Any]:
 
 
 def plan_embed(req: EmbedRequest) -> Plan:
-    runtime = registry.get(req.model, EMBED)
+    runtime = registry.encoder(req.model, EMBED)
 
     def build(vectors: list[list[float]], tokens: int) -> dict[str, Any]:
         return {
@@ -74,7 +75,7 @@ def plan_embed(req: EmbedRequest) -> Plan:
 
 
 def plan_rerank(req: RerankRequest) -> Plan:
-    runtime = registry.get(req.model, RERANK)
+    runtime = registry.encoder(req.model, RERANK)
 
     def build(scores: list[float], tokens: int) -> dict[str, Any]:
         order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
@@ -92,7 +93,7 @@ def plan_rerank(req: RerankRequest) -> Plan:
 
 
 def plan_ner(req: NerRequest) -> Plan:
-    runtime = registry.get(req.model, NER)
+    runtime = registry.encoder(req.model, NER)
 
     def build(entities: list[list[dict[str, Any]]], tokens: int) -> dict[str, Any]:
         return {"model": req.model, "entities": entities, "usage": {"prompt_tokens": tokens}}
@@ -101,7 +102,7 @@ def plan_ner(req: NerRequest) -> Plan:
 
 
 def plan_classify(req: ClassifyRequest) -> Plan:
-    runtime = registry.get(req.model, CLASSIFY)
+    runtime = registry.encoder(req.model, CLASSIFY)
 
     def build(ranked: list[list[tuple[str, float]]], tokens: int) -> dict[str, Any]:
         k = req.top_k

@@ -14,7 +14,6 @@ from typing import Any
 import structlog
 from celery import shared_task
 
-from models.base import GENERATE
 from models.generation import GenerationControl, GenerationParams
 from models.registry import registry
 from tasks.base import InferenceTask, drop_if_answered, serve
@@ -42,7 +41,7 @@ def generate(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
             return finished_stream(services, task_id, kwargs.get("model"), last)
 
     def run(req: GenerateRequest) -> dict[str, Any]:
-        runtime = registry.get(req.model, GENERATE)
+        runtime = registry.generator(req.model)
         control = GenerationControl(
             on_text=publisher.token if publisher else None,
             should_stop=services.cancel_watch(task_id),

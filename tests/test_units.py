@@ -64,6 +64,8 @@ def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ({"models": {"m": {"task": "embed"}}}, "models.m.source"),
         ({"models": {"m": {"task": "embed", "source": "x", "max_lenght": 5}}}, "models.m.max_lenght"),
         ({"models": {"m": {"task": "embed", "source": "x.gguf"}}}, "llama_cpp serves only task 'generate'"),
+        ({"models": {"m": {"task": "embed", "source": "x", "n_ctx": 512}}}, "n_ctx: not an option of the transformers"),
+        ({"models": {"m": {"task": "generate", "source": "x.gguf", "packed": False}}}, "packed: not an option"),
         ({"models": {}}, "registry is empty"),
         ({"models": {"m": {"task": "embed", "source": "x"}}, "serve": ["n"]}, "serve"),
         ({"models": {"m": {"task": "embed", "source": "x"}}, "device": "tpu"}, "device"),
@@ -808,11 +810,15 @@ def test_a_float16_model_on_the_cpu_loads_and_serves(test_models: dict[str, str]
     """oneDNN has no float16 GEMM on most CPUs: the runtime must pass over that library at
     load (not fail), and serve on another or padded."""
     from models.batcher import BatchLimits
-    from models.encoder import EncoderOptions, EncoderRuntime
+    from models.encoder import EncoderRuntime
+    from models.options import EncoderOptions
 
     runtime = EncoderRuntime(
         "reranker",
-        EncoderOptions(task="rerank", source=test_models["reranker"], device="cpu", dtype="float16"),
+        "rerank",
+        test_models["reranker"],
+        "cpu",
+        EncoderOptions(dtype="float16"),
         BatchLimits(),
     )
     runtime.load()
@@ -821,9 +827,7 @@ def test_a_float16_model_on_the_cpu_loads_and_serves(test_models: dict[str, str]
         half, _ = runtime.rerank("which fox?", ["The quick brown fox.", "A lazy dog."])
     finally:
         runtime.close()
-    full = EncoderRuntime(
-        "reranker", EncoderOptions(task="rerank", source=test_models["reranker"], device="cpu"), BatchLimits()
-    )
+    full = EncoderRuntime("reranker", "rerank", test_models["reranker"], "cpu", EncoderOptions(), BatchLimits())
     full.load()
     try:
         exact, _ = full.rerank("which fox?", ["The quick brown fox.", "A lazy dog."])

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from models.options import ALL_OPTIONS, CausalLMOptions, EncoderOptions, GGUFOptions, RuntimeOptions, options_class
 from wire.limits import MAX_ITEMS, MAX_TEXT_CHARS, TASK_KINDS, TIME_LIMITS
 
 TaskKind = Literal["embed", "rerank", "ner", "classify", "generate"]
@@ -38,8 +39,10 @@ class BatchingSettings(BaseModel):
     max_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a forward pass may wait for more requests.")
 
 
-class ModelSpec(BaseModel):
-    """One entry of the model registry (CONTRACT §7)."""
+class ModelSpec(EncoderOptions, CausalLMOptions, GGUFOptions):
+    """One entry of the model registry (CONTRACT §7): where the model comes from, its task
+    and queue, and the options of the runtime that serves it (models/options.py), written
+    flat beside them."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -52,46 +55,7 @@ class ModelSpec(BaseModel):
     backend: Literal["transformers", "llama_cpp"] | None = Field(
         None, description="Runtime; default llama_cpp for a .gguf source, else transformers."
     )
-    trust_remote_code: bool = Field(True, description="Allow custom model code from the source.")
-    revision: str | None = Field(None, description="Hub revision to load.")
-    gguf_file: str | None = Field(
-        None, description="transformers backend: a .gguf file inside source to load (dequantised) with from_pretrained."
-    )
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weights dtype; auto is float16 on CUDA and float32 elsewhere."
-    )
-    max_length: int | None = Field(None, ge=1, description="Token limit; default from the model.")
     batching: BatchingSettings | None = Field(None, description="Overrides the worker's batching.")
-    packed: bool = Field(
-        True,
-        description="On the CPU: run a BERT-family encoder model without padding (checked against its own forward "
-        "pass at load; other models are unaffected).",
-    )
-    packed_gemm: Literal["auto", "torch", "onednn"] = Field(
-        "auto",
-        description="The packed forward pass's GEMM library: torch (nn.Linear's, MKL on x86) or oneDNN; auto times "
-        "both at load and keeps the faster.",
-    )
-    packed_attention: Literal["auto", "torch"] = Field(
-        "auto",
-        description="The packed forward pass's attention for rows of up to 64 tokens in float32: auto takes the C "
-        "kernel built at install where the CPU has AVX-512, torch always torch's operations.",
-    )
-    # generate / llama.cpp
-    n_ctx: int = Field(4096, ge=16, description="GGUF context window in tokens.")
-    n_batch: int = Field(512, ge=1, description="GGUF prompt-processing batch size.")
-    n_threads: int | None = Field(None, ge=1, description="GGUF CPU threads; default: all cores.")
-    n_gpu_layers: int | None = Field(
-        None, ge=-1, description="GGUF layers on the GPU; default -1 on a GPU, 0 on the CPU."
-    )
-    chat_format: str | None = Field(
-        None, description="GGUF chat format name (llama-cpp's); default: the template in the GGUF metadata."
-    )
-    weight_repacking: bool | None = Field(
-        None,
-        description="GGUF: let llama.cpp repack weights for this CPU (AMX, AVX layouts); "
-        "default: on, except with a build that uses AMX, whose kernels crash (llama.cpp #20824).",
-    )
 
     @model_validator(mode="after")
     def _default_backend(self) -> ModelSpec:
@@ -102,7 +66,22 @@ class ModelSpec(BaseModel):
             self.backend = "llama_cpp" if gguf else "transformers"
         if self.backend == "llama_cpp" and self.task != "generate":
             raise ValueError(f"backend llama_cpp serves only task 'generate', not {self.task!r}")
+        own = options_class(self.backend, self.task).model_fields
+        foreign = sorted(self.model_fields_set & _OPTION_NAMES - set(own))
+        if foreign:
+            raise ValueError(
+                f"{', '.join(foreign)}: not an option of the {self.backend} runtime for {self.task!r} "
+                f"(its options: {', '.join(sorted(own))})"
+            )
         return self
+
+    def options(self) -> RuntimeOptions:
+        """The options of the runtime that serves this model."""
+        cls = options_class(self.backend or "transformers", self.task)
+        return cls(**self.model_dump(include=set(cls.model_fields)))
+
+
+_OPTION_NAMES = {name for cls in ALL_OPTIONS for name in cls.model_fields}
 
 
 DEFAULT_MODELS: dict[str, dict[str, Any]] = {
