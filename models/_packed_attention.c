@@ -1,4 +1,4 @@
-/* The attention of short rows for models/packed.py, on the packed tokens themselves.
+/* The attention of short rows for models/packed/, on the packed tokens themselves.
  *
  * torch runs the attention of a packed batch as a scatter of the packed Q, K and V into a
  * padded [rows, heads, width, size] grid, copies of each into the layout its batched

@@ -588,14 +588,14 @@ def test_the_attention_kernel_equals_torchs_attention(heads: int, size: int) -> 
     what it refuses it refuses whole."""
     import torch
 
-    from models.packed import _Batch, attention_kernel
+    from models.packed import Batch, attention_kernel
 
     kernel = attention_kernel()
     if kernel is None:
         pytest.skip("the attention kernel is not built here or the CPU has no AVX-512")
     torch.manual_seed(heads * size)
     lengths = [1, 2, 15, 16, 17, 33, 47, 64, 5]
-    batch, hidden = _Batch.of(lengths), heads * size
+    batch, hidden = Batch.of(lengths), heads * size
     qkv = torch.randn(sum(lengths), 3 * hidden) * 2
     scaling = size**-0.5
     expected = torch.empty(sum(lengths), hidden)
@@ -611,15 +611,15 @@ def test_the_attention_kernel_equals_torchs_attention(heads: int, size: int) -> 
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="refused"):
-        kernel(torch.randn(65, 3 * hidden), _Batch.of([65]), heads, size, scaling)
+        kernel(torch.randn(65, 3 * hidden), Batch.of([65]), heads, size, scaling)
     with pytest.raises(RuntimeError, match="refused"):
-        kernel(torch.randn(4, 3 * 24), _Batch.of([4]), 1, 24, scaling)
+        kernel(torch.randn(4, 3 * 24), Batch.of([4]), 1, 24, scaling)
     # which models get it: head sizes of whole 16-lane blocks up to 128 (BERT-base: 64)
     assert [n for n in (8, 16, 24, 32, 64, 96, 128, 144, 256) if kernel.takes_head_size(n)] == [16, 32, 64, 96, 128]
 
 
 def test_the_packed_forward_pass_equals_the_padded_one(minilm_path: str) -> None:
-    """models/packed.py against the model's own forward pass and pooling, on rows of very
+    """models/packed/ against the model's own forward pass and pooling, on rows of very
     different lengths (so most of the padded grid is padding), in every pooling mode."""
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -839,7 +839,7 @@ def test_a_float16_model_on_the_cpu_loads_and_serves(test_models: dict[str, str]
 def test_the_packed_forward_pass_keeps_the_faster_gemm_library(minilm_path: str) -> None:
     from transformers import AutoModel, AutoTokenizer
 
-    from models import packed as packed_mod
+    from models.packed import bert as packed_mod
     from models.packed import PackedBert, available_linears
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
@@ -859,9 +859,9 @@ def test_the_packed_forward_pass_keeps_the_faster_gemm_library(minilm_path: str)
 def test_the_packed_attention_grid_zeroes_its_padding_and_reads_back_the_tokens() -> None:
     import torch
 
-    from models.packed import _Batch
+    from models.packed import Batch
 
-    batch = _Batch.of([3, 1, 2])
+    batch = Batch.of([3, 1, 2])
     packed = torch.arange(1, 7, dtype=torch.float32).unsqueeze(1).repeat(1, 2)  # tokens 1..6
     # the grid starts uninitialised: free a block of its size full of NaNs first, which
     # the allocator hands out again, so the padding comes out as zeros only if it is zeroed
@@ -871,7 +871,7 @@ def test_the_packed_attention_grid_zeroes_its_padding_and_reads_back_the_tokens(
     expected = torch.tensor([1, 2, 3, 4, 0, 0, 5, 6, 0], dtype=torch.float32).unsqueeze(1).repeat(1, 2)
     assert torch.equal(grid, expected)
     assert torch.equal(batch.from_grid(grid), packed)
-    assert torch.equal(_Batch.of([2, 2]).to_grid(packed[:4]), packed[:4])  # no padding at all
+    assert torch.equal(Batch.of([2, 2]).to_grid(packed[:4]), packed[:4])  # no padding at all
 
 
 def test_the_packed_forward_pass_is_only_for_the_models_it_reimplements() -> None:
