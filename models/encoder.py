@@ -28,7 +28,8 @@ from models.compute import ComputeThread, shared_compute_thread
 from models.device import flash_attention_available, resolve_dtype
 from models.ner import aggregate_simple
 from models.options import EncoderOptions
-from models.packed import PackedBert, available_linears, unpack
+from models.packed import PackedBert, unpack
+from models.packed.fit import fit_packed
 from models.pooling import PoolingConfig, pool, read_pooling_config
 
 log = structlog.get_logger(__name__)
@@ -125,51 +126,22 @@ class EncoderRuntime:
 
     def _checked_packed_runner(self) -> PackedBert | None:
         """The padding-free runner, if it applies to this model and gives its results, on
-        the faster of the GEMM libraries that give them."""
-        try:
-            packed = PackedBert.for_model(self.model, self.options.packed_gemm, self.options.packed_attention)
-        except RuntimeError as exc:  # e.g. oneDNN cannot reorder float16 weights on this CPU
-            log.warning("encoder.packed_off", model=self.alias, reason=str(exc).split(".")[0])
-            return None
-        if packed is None:
-            return None
+        the faster of the GEMM libraries that give them (models/packed/fit.py)."""
         texts = [
             "A",
             "The quick brown fox jumps over the lazy dog.",
             "Ünïcödé, emoji 🙂 and   spaces: still one sentence.",
         ]
         items = self._tokenize_pairs("which fox?", texts) if self.task == RERANK else self._tokenize(texts)
-        padded = self._collate(items)
-        gemms = [packed.linear] if self.options.packed_gemm != "auto" else available_linears()
-        differences: dict[str, float] = {}
-        for gemm in gemms:
-            try:
-                packed.use(gemm)
-                worst = packed.matches(items, padded)
-            except RuntimeError as exc:  # e.g. oneDNN has no float16 GEMM on this CPU
-                log.info("encoder.packed_gemm_unusable", model=self.alias, gemm=gemm, error=str(exc).split(".")[0])
-                continue
-            if worst is not None:
-                differences[gemm] = worst
-        if not differences:
-            reason = "no GEMM library here gives the model's own forward pass in its dtype"
-            log.warning("encoder.packed_off", model=self.alias, reason=reason, gemms=gemms)
-            return None
-        timings: dict[str, float] = {}
-        if len(differences) > 1:
-            timings = packed.tune(self._tuning_sample(), list(differences))
-        else:
-            packed.use(next(iter(differences)))
-        log.info(
-            "encoder.packed",
-            model=self.alias,
-            gemm=packed.linear,
-            max_difference=differences[packed.linear],
-            reordered_weights_mib=round(packed.reordered_bytes / 2**20, 1),
-            attention="kernel" if packed.kernel is not None else "torch",
-            **{f"forward_ms_{gemm}": ms for gemm, ms in timings.items()},
+        return fit_packed(
+            self.model,
+            alias=self.alias,
+            gemm=self.options.packed_gemm,
+            attention=self.options.packed_attention,
+            check=items,
+            padded=self._collate(items),
+            tuning_sample=self._tuning_sample,
         )
-        return packed
 
     def _tuning_sample(self) -> list[Features]:
         """32 inputs of 15-30 tokens (pairs for rerank), a typical batch to time GEMMs on."""

@@ -839,8 +839,8 @@ def test_a_float16_model_on_the_cpu_loads_and_serves(test_models: dict[str, str]
 def test_the_packed_forward_pass_keeps_the_faster_gemm_library(minilm_path: str) -> None:
     from transformers import AutoModel, AutoTokenizer
 
-    from models.packed import bert as packed_mod
     from models.packed import PackedBert, available_linears
+    from models.packed import bert as packed_mod
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     packed = PackedBert.for_model(AutoModel.from_pretrained(minilm_path).eval(), "auto")
