@@ -2,7 +2,7 @@
 
 models/packed/'s attention kernel for short rows: plain C called through ctypes (no
 Python API), compiled at install. Where it cannot be (no C compiler), the install goes on
-without it and the packed pass uses torch's operations instead; tests/test_units.py fails
+without it and the packed pass uses torch's operations instead; tests/test_packed.py fails
 where the CPU could have run it and it was not built.
 """
 

@@ -44,7 +44,7 @@ thread hands the kept memory back (``malloc_trim``) whenever RSS has grown
 what its forward passes need, and cannot grow for ever.
 
 ``mallopt(M_ARENA_MAX)`` binds only threads that have not yet taken an arena, so it runs
-before the models load, while the process has one thread (``tests/test_units.py`` checks
+before the models load, while the process has one thread (``tests/test_memory.py`` checks
 that it takes effect this way).
 """
 
