@@ -1,9 +1,10 @@
 """Shared pieces of the benchmarks under ``bench/`` (run by hand, never collected by pytest).
 
-* :class:`Worker` / :func:`running_worker`: ``celery -A worker worker`` in a subprocess with
-  its own temporary YAML registry, JSON logs, a bounded wait for the ``worker.ready`` log
-  event, and a stop (SIGTERM, then SIGKILL) that always runs. Its CPU time is read from
-  the process (``psutil``) so a benchmark can charge CPU per task.
+* :class:`Worker` / :func:`running_worker`: the tests' worker process (tests/workers.py):
+  ``celery -A worker worker`` in a subprocess with its own YAML registry, JSON logs, a
+  bounded wait for the ``worker.ready`` log event, and a stop (SIGTERM, then SIGKILL)
+  that always runs. Its CPU time is read from the process so a benchmark can charge CPU
+  per task.
 * :func:`run_load`: N tasks spread over P producer threads, each timed send-to-result.
 * :func:`percentile` / :func:`summarize`, :func:`markdown_table`, :func:`write_section`
   (replaces a benchmark's own section of ``bench/RESULTS.md`` when run with ``--write``).
@@ -19,7 +20,6 @@ import contextlib
 import datetime as _dt
 import gc
 import itertools
-import json
 import os
 import platform
 import signal
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
+from tests.workers import WorkerProcess  # noqa: E402
 
 RUN_ID = uuid.uuid4().hex[:8]
 
@@ -180,123 +180,29 @@ def free(*objects: Any) -> None:
 # -- the worker -----------------------------------------------------------------------------
 
 
-class Worker:
-    """``python -m celery -A worker worker`` with its own YAML registry (as tests/conftest.py)."""
+class Worker(WorkerProcess):
+    """The tests' worker process (tests/workers.py), named for this run; its queues' keys
+    are deleted when it stops."""
 
-    def __init__(
-        self,
-        name: str,
-        config: dict[str, Any],
-        workdir: Path,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.name = f"{unique(name)}@localhost"
-        self.config = config
-        self.config_path = workdir / f"{name}-{RUN_ID}.yaml"
-        self.log_path = workdir / f"{name}-{RUN_ID}.log"
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.env = {
-            **os.environ,
-            "WORKER_CONFIG": str(self.config_path),
-            "WORKER_LOG_FORMAT": "json",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            **(env or {}),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ready_event: dict[str, Any] | None = None
-        self._log_offset = 0
-        self._events: list[dict[str, Any]] = []
+    def __init__(self, name: str, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(unique(name), config, workdir, env)
 
     @property
     def queues(self) -> list[str]:
         return sorted({spec.get("queue") or alias for alias, spec in self.config["models"].items()})
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = BOOT_TIMEOUT) -> Worker:
-        log_file = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", self.name, "--without-gossip"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log_file.close()  # the child holds its own descriptor
-        deadline = time.monotonic() + timeout
+    def start(self, timeout: float = BOOT_TIMEOUT, wait: bool = True) -> Worker:
         try:
-            while time.monotonic() < deadline:
-                event = self.find_event("worker.ready")
-                if event:
-                    self.ready_event = event
-                    return self
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-                time.sleep(0.2)
-            raise TimeoutError(f"worker {self.name} not ready within {timeout:.0f}s:\n{self.log_tail()}")
+            super().start(timeout, wait)
         except BaseException:
             self.stop()
             raise
-
-    def events(self) -> list[dict[str, Any]]:
-        """Every JSON log line so far (read incrementally)."""
-        if not self.log_path.exists():
-            return self._events
-        with self.log_path.open("rb") as fh:
-            fh.seek(self._log_offset)
-            data = fh.read()
-        end = data.rfind(b"\n") + 1  # only whole lines
-        self._log_offset += end
-        for line in data[:end].decode("utf-8", errors="replace").splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    self._events.append(json.loads(line))
-        return self._events
-
-    def find_event(self, name: str) -> dict[str, Any] | None:
-        return next((e for e in self.events() if e.get("event") == name), None)
-
-    def log_tail(self, n: int = 40) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the worker process (and any children) so far."""
-        import psutil
-
-        proc = psutil.Process(self.pid)
-        t = proc.cpu_times()
-        return t.user + t.system + t.children_user + t.children_system
-
-    def minor_faults(self) -> int:
-        """Minor page faults of the worker process so far (``/proc/<pid>/stat``; Linux)."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[7])
+        return self
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # warm shutdown: finish what runs, then exit
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(10)
+        code = super().stop(timeout)
         self._delete_queues()
-        return self.proc.returncode
+        return code
 
     def _delete_queues(self) -> None:
         """Remove this run's queue keys (and kombu's bindings) from Redis; best effort."""

@@ -48,7 +48,7 @@ def open_llama(path: str, *, weight_repacking: bool | None = None, **kwargs: Any
 
     llama.cpp repacks weights into CPU-specific layouts at load ("extra buffer types":
     AMX tiles, interleaved AVX blocks). Its AMX kernels crash on K-quants (segfault in
-    ``ggml_backend_amx_mul_mat`` at the first forward pass; seen here with the bundled
+    ``ggml_backend_amx_mul_mat`` at the first forward pass, with the bundled
     Gemma Q4_K_M on a Sapphire Rapids host; llama.cpp #20824, closed unfixed), and a
     build compiled with ``-march=native`` on such a host uses them. ``None`` turns
     repacking off exactly there; ``llama-cli --no-repack`` is the same switch.

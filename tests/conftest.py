@@ -7,13 +7,7 @@ id, so runs sharing a Redis never see each other's messages.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +15,13 @@ from typing import Any
 
 import pytest
 import redis
-import yaml
 from celery import Celery
+
+from tests import workers
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = uuid.uuid4().hex[:8]
-WORKER_BOOT_TIMEOUT = 240.0
+WORKER_BOOT_TIMEOUT = workers.BOOT_TIMEOUT
 RESULT_TIMEOUT = 60.0
 
 
@@ -70,105 +65,12 @@ def queue_name(alias: str) -> str:
     return f"{alias}-{RUN_ID}"
 
 
-class WorkerProcess:
-    """``celery -A worker worker`` in a subprocess, with its own YAML registry."""
+class WorkerProcess(workers.WorkerProcess):
+    """A worker process (tests/workers.py) named for this run, so that runs sharing a Redis
+    never share a node name."""
 
     def __init__(self, name: str, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None) -> None:
-        self.name = f"{name}-{RUN_ID}@localhost"
-        self.config_path = workdir / f"{name}.yaml"
-        self.log_path = workdir / f"{name}.log"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.env = {
-            # the worker's settings are its YAML file's: none leak in from this environment
-            **{k: v for k, v in os.environ.items() if not k.startswith("WORKER_")},
-            "WORKER_CONFIG": str(self.config_path),
-            "WORKER_LOG_FORMAT": "json",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": str(ROOT),
-            **(env or {}),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
-        self.ready_event: dict[str, Any] | None = None
-
-    def start(self, timeout: float = WORKER_BOOT_TIMEOUT, wait: bool = True) -> WorkerProcess:
-        """Start the worker; with ``wait``, until it logs ``worker.ready``."""
-        self.ready_event = None
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", self.name, "--without-gossip"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        return self.wait_ready(timeout) if wait else self
-
-    def wait_ready(self, timeout: float = WORKER_BOOT_TIMEOUT) -> WorkerProcess:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            event = self.find_event("worker.ready")
-            if event:
-                self.ready_event = event
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"worker {self.name} not ready within {timeout}s:\n{self.log_tail()}")
-
-    def events(self, this_run: bool = False) -> list[dict[str, Any]]:
-        """The JSON log lines of every run of this worker (a restart appends to its log), or
-        of the current run only."""
-        out = []
-        with self.log_path.open("rb") as f:
-            f.seek(self._log_offset if this_run else 0)
-            text = f.read().decode(errors="replace")
-        for line in text.splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    out.append(json.loads(line))
-        return out
-
-    def find_event(self, name: str) -> dict[str, Any] | None:
-        """The first ``name`` event of this worker's current run."""
-        return next((e for e in self.events(this_run=True) if e.get("event") == name), None)
-
-    def liveness_id(self) -> str:
-        event = self.find_event("liveness.started")
-        assert event is not None, f"worker {self.name} logged no liveness id:\n{self.log_tail()}"
-        return event["id"]
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, nothing handed back."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def rss_mb(self) -> float:
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+        super().__init__(f"{name}-{RUN_ID}", config, workdir, env)
 
 
 @pytest.fixture(scope="session")

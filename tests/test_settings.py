@@ -126,3 +126,11 @@ def test_bulk_intake_takes_only_encoder_only_queues(tmp_path: Path, monkeypatch:
     assert sorted(_settings(tmp_path, monkeypatch, {"models": models}).bulk_queues()) == ["e", "enc"]
     assert _settings(tmp_path, monkeypatch, {"models": models, "intake": "celery"}).bulk_queues() == []
     assert _settings(tmp_path, monkeypatch, {"models": models, "pool": "prefork"}).bulk_queues() == []
+
+
+def test_the_configuration_reference_is_current() -> None:
+    """docs/configuration.md is made from the settings (python -m worker.reference)."""
+    from worker.reference import markdown
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert path.read_text() == markdown(), "run: python -m worker.reference > docs/configuration.md"

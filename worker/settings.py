@@ -182,8 +182,10 @@ class WorkerSettings(BaseSettings):
         description="With retain_memory: hand the kept memory back to the system (malloc_trim) whenever the "
         "worker's RSS has grown this many MiB above its level after the last hand-back.",
     )
-    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal.")
-    log_level: str = Field("INFO")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console lines on a terminal, JSON lines otherwise."
+    )
+    log_level: str = Field("INFO", description="The worker's log level (DEBUG, INFO, WARNING, ERROR).")
 
     @classmethod
     def settings_customise_sources(
