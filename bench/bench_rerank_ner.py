@@ -11,7 +11,7 @@ token classifier. Measured in one run, the paths of a task taking turns (never t
   - ``sentence_transformers.CrossEncoder(path).predict(pairs)`` (its default batch size);
 * rerank of P passages of 107-289 tokens (default 64), the length of retrieved passages
   in a RAG pipeline: the same three paths, and a second worker with ``retain_memory:
-  false`` (worker/memory.py), with each worker's page faults per request;
+  true`` (worker/memory.py), with each worker's page faults per request;
 * ner of T texts (default 32):
   - one ``ner`` request with the list, through the worker;
   - ``pipeline("token-classification", aggregation_strategy="simple")`` called once per text;
@@ -274,23 +274,23 @@ def measure_passages(
     workdir: Path,
 ) -> dict[str, Any]:
     """The long-passage rerank: the worker above, a second one with ``retain_memory:
-    false``, the one-pair loop and ``CrossEncoder.predict``, in turns; and each worker's
+    true``, the one-pair loop and ``CrossEncoder.predict``, in turns; and each worker's
     minor page faults per request over the timed rounds."""
-    settings: dict[str, Any] = {"concurrency": args.concurrency, "device": args.device, "retain_memory": False}
+    settings: dict[str, Any] = {"concurrency": args.concurrency, "device": args.device, "retain_memory": True}
     if args.threads:
         settings["threads_per_worker"] = args.threads
-    spec_off = {**spec, "queue": h.unique("rerank-off")}
-    faults = {"worker": 0, "worker_off": 0}
+    spec_retained = {**spec, "queue": h.unique("rerank-retained")}
+    faults = {"worker": 0, "worker_retained": 0}
     out: dict[str, Any] = {}
     with h.running_worker(
-        "rerank-retain-off",
-        {"reranker": spec_off},
+        "rerank-retained",
+        {"reranker": spec_retained},
         redis_url=args.redis_url,
         workdir=workdir,
         boot_timeout=args.boot_timeout,
         **settings,
-    ) as worker_off:
-        processes = {"worker": (worker, spec["queue"]), "worker_off": (worker_off, spec_off["queue"])}
+    ) as worker_retained:
+        processes = {"worker": (worker, spec["queue"]), "worker_retained": (worker_retained, spec_retained["queue"])}
 
         def call(name: str) -> Any:
             process, queue = processes[name]
@@ -307,7 +307,7 @@ def measure_passages(
         out["passages"] = h.timed_in_turns(
             {
                 "worker": call("worker"),
-                "worker_off": call("worker_off"),
+                "worker_retained": call("worker_retained"),
                 "loop": lambda: loop_pairs(passages),
                 "ce": lambda: ce.predict(pairs, show_progress_bar=False),
             },
@@ -444,7 +444,7 @@ one-pair loop's median ({h.ms(loop_m)} ms) by more than **{loop_m / floor:.2f}x*
         passage_table = table(
             [
                 ("worker: one `rerank` request", pr["worker"]),
-                ("worker, `retain_memory: false`", pr["worker_off"]),
+                ("worker, `retain_memory: true`", pr["worker_retained"]),
                 ("HF model, one pair at a time (batch 1)", pr["loop"]),
                 ("CrossEncoder.predict(pairs)", pr["ce"]),
             ],
@@ -460,9 +460,9 @@ The passages are {sum(lengths):,} tokens as pairs with the query, {min(lengths)}
 
 {passage_table}
 
-Minor page faults per request in the worker process: {pf["worker"]:,.0f} (default, memory
-retained), {pf["worker_off"]:,.0f} (`retain_memory: false`). Two workers run side by side,
-one request at a time.
+Minor page faults per request in the worker process: {pf["worker"]:,.0f} (default),
+{pf["worker_retained"]:,.0f} (`retain_memory: true`). Two workers run side by side, one
+request at a time.
 
 """
     bad, worst = ner_mismatches(res["ner_entities"], res["ner_ref"])
