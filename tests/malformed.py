@@ -74,6 +74,7 @@ MALFORMED: dict[str, tuple[Callable[[dict[str, Any]], None], bool]] = {
     "headers is a list": (_set(("headers",), [1, 2]), True),  # the correlation id names it
     "eta is a number": (_set(("headers", "eta"), 12.5), True),
     "eta is not a time": (_set(("headers", "eta"), "tomorrow"), True),
+    "eta is empty": (_set(("headers", "eta"), ""), True),
     "expires is an object": (_set(("headers", "expires"), {"at": 1}), True),
     "timelimit is a string": (_set(("headers", "timelimit"), "10"), True),
     "timelimit has one part": (_set(("headers", "timelimit"), [10]), True),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import uuid
 from typing import Any
 
@@ -18,6 +19,7 @@ from tests.malformed import FIELDS, MALFORMED, RAW_MALFORMED, fuzzed, malformed,
 from wire.decode import TaskMessage, Unreadable, decode
 
 QUEUE = "wire-test"
+EXAMPLES = int(os.environ.get("WIRE_FUZZ_EXAMPLES", "400"))  # more for a longer hunt
 
 
 def test_reads_what_celery_send_task_writes(redis_client: Any, redis_url: str) -> None:
@@ -97,7 +99,7 @@ JSON = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzzed_envelopes_are_read_or_refused_never_crash(data: st.DataObject) -> None:
     envelope = valid_envelope(QUEUE)
@@ -114,7 +116,7 @@ def test_fuzzed_envelopes_are_read_or_refused_never_crash(data: st.DataObject) -
     _check(json.dumps(envelope).encode())
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(body=JSON)
 def test_fuzzed_bodies_are_read_or_refused_never_crash(body: Any) -> None:
     envelope = valid_envelope(QUEUE)
@@ -122,7 +124,7 @@ def test_fuzzed_bodies_are_read_or_refused_never_crash(body: Any) -> None:
     _check(json.dumps(envelope).encode())
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(raw=st.binary(max_size=300) | st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass")))
 def test_arbitrary_bytes_are_refused(raw: bytes) -> None:
     _check(raw)

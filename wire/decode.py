@@ -258,6 +258,8 @@ def _timestamp(value: Any) -> float | None:
     if not isinstance(value, str):
         raise TypeError(f"{type(value).__name__} is not an ISO 8601 string")
     when = maybe_iso8601(value)
+    if when is None:  # an empty string: Celery's request code would fail on it
+        raise ValueError("an empty string is not a time")
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
