@@ -52,6 +52,13 @@ class BatchRequest:
     error: BaseException | None = None
     on_done: Callable[[BatchRequest], None] | None = None
     index: int = 0  # its place in the submit_many call that made it
+    submitted: float = field(default_factory=time.perf_counter)
+    finished: float = 0.0
+
+    @property
+    def compute_s(self) -> float:
+        """From its submission to its completion: its time in the model, queueing included."""
+        return (self.finished or time.perf_counter()) - self.submitted
 
     def finish(self, error: BaseException | None = None) -> None:
         """Complete the request (once): outputs are in, or ``error`` says why not."""
@@ -59,6 +66,7 @@ class BatchRequest:
             return
         if error is not None:
             self.error = error
+        self.finished = time.perf_counter()
         self.done.set()
         if self.on_done is not None:
             try:
@@ -129,11 +137,16 @@ def _padded(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> int:
     return sum(len(b) * max(lengths[i] for i in b) for b in batches)
 
 
+ForwardObserver = Callable[[int, int, int, float], None]
+"""Told of each forward pass: its rows, real tokens, padded tokens and seconds."""
+
+
 class DynamicBatcher:
     def __init__(self, name: str, forward: ForwardFn, limits: BatchLimits) -> None:
         self.name = name
         self.limits = limits
         self.stats = BatchStats()
+        self.on_forward: ForwardObserver | None = None  # the worker's metrics, where on
         self._forward = forward
         self._cond = threading.Condition()
         self._pending: list[BatchRequest] = []
@@ -271,11 +284,14 @@ class DynamicBatcher:
             for request in {id(r): r for r, _ in live}.values():
                 self._fail(request, error)
             return
-        self.stats.forward_s += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.stats.forward_s += seconds
         self.stats.batches += 1
         self.stats.rows += len(live)
         self.stats.tokens += sum(lengths)
         self.stats.padded_tokens += len(live) * max(lengths)
+        if self.on_forward is not None:
+            self.on_forward(len(live), sum(lengths), len(live) * max(lengths), seconds)
         for (request, index), output in zip(live, outputs):
             request.outputs[index] = output
             request.remaining -= 1

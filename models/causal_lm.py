@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -49,11 +50,13 @@ def fallback_chat_prompt(messages: list[dict[str, str]]) -> str:
 class _Halt(StoppingCriteria):
     """Stops ``generate`` when asked: cancellation, a stop string, or the deadline."""
 
-    def __init__(self, control: GenerationControl) -> None:
+    def __init__(self, control: GenerationControl, progress: Callable[[], None]) -> None:
         self.control = control
+        self.progress = progress  # the compute thread's: a step was taken
         self.reason: str | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        self.progress()
         if self.reason is None:
             if self.control.should_stop():
                 self.reason = "cancelled"
@@ -73,6 +76,7 @@ class CausalLMRuntime:
         # request's thread reads the streamer while its generation runs there, and
         # concurrent requests take their turns
         self._compute = ComputeThread(alias)
+        self.compute = self._compute  # (for the worker's metrics: generations running and waiting)
 
     def load(self) -> None:
         self._compute.run(self._load)
@@ -132,7 +136,7 @@ class CausalLMRuntime:
         prompt_tokens = int(inputs["input_ids"].shape[1])
         check_context(prompt_tokens, params.max_tokens, self.context)
 
-        halt = _Halt(control)
+        halt = _Halt(control, self._compute.progress)
         scanner = StopScanner(params.stop)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60.0)
         sampling: dict[str, Any] = {"do_sample": False}

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -26,16 +28,48 @@ T = TypeVar("T")
 
 
 class ComputeThread:
+    """One model's (or the encoders') thread. It keeps count of the jobs waiting for it and
+    of its progress, for the worker's metrics and liveness probe: a job that has made no
+    progress (``progress``, or its start) for a long while means a wedged model."""
+
     def __init__(self, name: str) -> None:
         self.name = name
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        self._lock = threading.Lock()
+        self.waiting = 0  # jobs submitted, not started
+        self.busy = False
+        self._last_progress = time.monotonic()
+        _every.add(self)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Queue ``fn(*args)`` on the model's thread, with the caller's log context."""
+        with self._lock:
+            self.waiting += 1
         try:
-            return self._executor.submit(contextvars.copy_context().run, fn, *args)
+            return self._executor.submit(contextvars.copy_context().run, self._job, fn, *args)
         except RuntimeError:  # the executor takes no work once shut down
+            with self._lock:
+                self.waiting -= 1
             raise InferenceError(f"model {self.name} is shutting down") from None
+
+    def _job(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            self.waiting -= 1
+            self.busy = True
+        self._last_progress = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self.busy = False
+            self._last_progress = time.monotonic()
+
+    def progress(self) -> None:
+        """Called by a long job (a generation, per token) as it moves on."""
+        self._last_progress = time.monotonic()
+
+    def stalled_for(self) -> float:
+        """Seconds the current job has gone without progress (0 when idle)."""
+        return time.monotonic() - self._last_progress if self.busy else 0.0
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the model's thread; waits for it and returns or raises its outcome."""
@@ -47,6 +81,14 @@ class ComputeThread:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+_every: weakref.WeakSet[ComputeThread] = weakref.WeakSet()
+
+
+def compute_threads() -> list[ComputeThread]:
+    """Every compute thread of this process (for the liveness probe)."""
+    return list(_every)
 
 
 _shared: dict[str, ComputeThread] = {}

@@ -7,6 +7,7 @@ forward passes through the model's :class:`~models.batcher.DynamicBatcher`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -262,11 +263,19 @@ class EncoderRuntime:
 
         return Prepared(_split_features(encoded), finish)
 
+    on_request: Callable[[float, float, int], None] | None = None
+    """Told of each request ``serve`` runs: tokenization and model seconds, and tokens (the
+    worker's metrics, where on)."""
+
     def serve(self, prepare: Callable[[], Prepared]) -> tuple[Any, int]:
         """Prepare, run and finish one request; returns its output and its token count."""
         with self._session():
+            started = time.perf_counter()
             prepared = prepare()
+            tokenized = time.perf_counter()
             rows = self._run(prepared.items)
+        if self.on_request is not None:
+            self.on_request(tokenized - started, time.perf_counter() - tokenized, prepared.tokens)
         return prepared.finish(rows), prepared.tokens
 
     def embed(self, texts: Sequence[str], normalize: bool = True) -> tuple[list[list[float]], int]:

@@ -111,6 +111,7 @@ class GGUFRuntime:
         # every llama.cpp call (load, warm-up, each generation) runs on the model's own
         # thread (see models/compute.py), which also serialises generations on its context
         self._compute = ComputeThread(alias)
+        self.compute = self._compute  # (for the worker's metrics: generations running and waiting)
         self._steps = _StepCounter()
 
     def load(self) -> None:

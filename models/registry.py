@@ -48,6 +48,10 @@ class RuntimeRegistry:
     def stats(self) -> dict[str, dict]:
         return {alias: runtime.stats() for alias, runtime in self._runtimes.items()}
 
+    def items(self) -> list[tuple[str, Runtime]]:
+        with self._lock:
+            return list(self._runtimes.items())
+
     def aliases(self) -> list[str]:
         return sorted(self._runtimes)
 

@@ -27,7 +27,9 @@ from kombu.transport import redis as kombu_redis
 SCHEMES = {"redis", "rediss"}
 
 
-class Channel(kombu_redis.Channel):
+class SharedClient:
+    """The channel's one client, made again only with a new connection pool."""
+
     _shared_client: Any = None
 
     @contextmanager
@@ -40,6 +42,10 @@ class Channel(kombu_redis.Channel):
         if shared is None or shared.connection_pool is not pool:
             shared = self._shared_client = self._create_client()
         yield shared
+
+
+class Channel(SharedClient, kombu_redis.Channel):
+    pass
 
 
 class Transport(kombu_redis.Transport):

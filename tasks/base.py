@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 
 import structlog
 from celery import Task, states
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from tasks.schemas import Limits, Request, parse
-from wire.errors import InferenceError, InvalidRequest, TransientError, WorkerError
+from wire.errors import InferenceError, InvalidRequest, TimeLimitReached, TransientError, WorkerError
 
 log = structlog.get_logger("tasks")
 R = TypeVar("R", bound=Request)
@@ -79,7 +79,7 @@ def serve(
     outcome, error = "error", None
     try:
         result = handler(validate(kind, schema, args, kwargs, task.limits()))
-        outcome = "ok"
+        outcome = "cancelled" if result.get("finish_reason") == "cancelled" else "success"
         return result
     except Exception as exc:
         outcome, error = contract_error(exc)
@@ -95,11 +95,21 @@ def contract_error(exc: Exception, **context: Any) -> tuple[str, WorkerError]:
     """The error edge, for Celery-run tasks and the bulk intake alike: the outcome to log
     and the contract's error for an exception raised while serving a task. A wrong request
     stays ``InvalidRequest``, the worker's own errors stay as they are, and anything else
-    is logged with its traceback (``task.failed``) and becomes ``InferenceError``."""
+    is logged with its traceback (``task.failed``) and becomes ``InferenceError``.
+
+    Outcomes: ``success`` and ``cancelled`` (CONTRACT §5) come from ``serve``; here
+    ``invalid``, ``timeout`` (a time limit), ``retry`` (a transient error: the task is
+    retried) and ``error``."""
     if isinstance(exc, InvalidRequest):
         return "invalid", exc
+    if isinstance(exc, TimeLimitReached):
+        return "timeout", exc
+    if isinstance(exc, TransientError):
+        return "retry", exc
     if isinstance(exc, WorkerError):
         return "error", exc
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "timeout", TimeLimitReached(f"time limit reached: {exc}")
     log.error("task.failed", exc_info=exc, **context)
     return "error", InferenceError(f"{type(exc).__name__}: {exc}")
 

@@ -9,6 +9,7 @@ its stream going on after a ``reset`` message.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -42,8 +43,9 @@ def generate(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
     def run(req: GenerateRequest) -> dict[str, Any]:
         runtime = registry.generator(req.model)
+        timer = services.generation_timer(req.model, str((self.request.delivery_info or {}).get("routing_key")))
         control = GenerationControl(
-            on_text=publisher.token if publisher else None,
+            on_text=_both(publisher.token if publisher else None, timer.text if timer else None),
             should_stop=services.cancel_watch(task_id),
             deadline=started + settings.time_limits["generate"],
         )
@@ -56,6 +58,8 @@ def generate(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         }
         if publisher:
             publisher.end(out.finish_reason, usage)
+        if timer:
+            timer.done(out.prompt_tokens, out.completion_tokens)
         return {"model": req.model, "text": out.text, "finish_reason": out.finish_reason, "usage": usage}
 
     try:
@@ -64,6 +68,18 @@ def generate(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if publisher:
             publisher.error(type(exc).__name__, str(exc))
         raise
+
+
+def _both(first: Callable[[str], None] | None, second: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """One ``on_text`` callback calling each that is given."""
+    if first is None or second is None:
+        return first or second
+
+    def both(text: str) -> None:
+        first(text)
+        second(text)
+
+    return both
 
 
 def delivery_attempt(request: Any, services: Services) -> int:

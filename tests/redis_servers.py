@@ -25,7 +25,9 @@ class RedisServer:
     ``persist``: append-only file, fsynced every second and on a clean shutdown, so a
     restart keeps the data (as a production Redis does); without it a restart empties it."""
 
-    def __init__(self, workdir: Path, *, persist: bool = False, tls: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, persist: bool = False, tls: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         if shutil.which("redis-server") is None:
             # as for the shared Redis (conftest.py): missing on a laptop skips, in CI fails
             message = "no redis-server on PATH: the fault tests start private ones (apt install redis-server)"
@@ -37,6 +39,7 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.persist = persist
         self.tls = tls
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,6 +66,7 @@ class RedisServer:
             ]
         else:
             args += ["--port", str(self.port)]
+        args += list(self.args)
         with (self.dir / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -85,6 +89,13 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash or a lost host does."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
         self.proc = None
 
     def restart(self, down_s: float = 0.0) -> None:
@@ -141,3 +152,62 @@ def make_tls(workdir: Path) -> dict[str, str]:
         cert,
     )
     return {"ca": ca, "cert": cert, "key": key}
+
+
+class Sentinel:
+    """One ``redis-server --sentinel`` watching ``master`` (quorum 1, a second to call it down)."""
+
+    def __init__(self, workdir: Path, master: RedisServer, name: str = "mymaster") -> None:
+        self.port = free_port()
+        self.name = name
+        self.dir = workdir / f"sentinel-{self.port}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = self.dir / "sentinel.conf"
+        self.config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {name} 127.0.0.1 {master.port} 1\n"
+            f"sentinel down-after-milliseconds {name} 1000\n"
+            f"sentinel failover-timeout {name} 5000\n"
+            f"sentinel parallel-syncs {name} 1\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1, socket_timeout=5)
+
+    def start(self, timeout: float = 10.0) -> Sentinel:
+        with (self.dir / "sentinel.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["redis-server", str(self.config), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.client().ping()
+                return self
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise TimeoutError(f"sentinel on {self.port} did not answer within {timeout}s")
+
+    def master_port(self) -> int | None:
+        try:
+            addr = self.client().sentinel_get_master_addr_by_name(self.name)
+        except redis.RedisError:
+            return None
+        return int(addr[1]) if addr else None
+
+    def replicas(self) -> int:
+        try:
+            return len(self.client().sentinel_slaves(self.name))
+        except redis.RedisError:
+            return 0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None

@@ -211,7 +211,7 @@ def test_a_task_whose_worker_is_killed_is_redelivered_and_completes(
         assert got.shape == expected.shape
         assert (got * expected).sum(axis=1).min() >= 0.9999
         done = [e for e in second.events() if e.get("event") == "task.done" and e.get("task_id") == result.id]
-        assert done and done[0]["outcome"] == "ok"
+        assert done and done[0]["outcome"] == "success"
     finally:
         for worker in (first, second):
             if worker is not None:

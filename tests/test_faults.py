@@ -321,7 +321,7 @@ def test_a_running_generation_is_never_handed_back(pair: Pair) -> None:
     got = result.get(timeout=300)
     app.close()
     done = pair.done(result.id)
-    assert len(done) == 1 and done[0]["outcome"] == "ok"
+    assert len(done) == 1 and done[0]["outcome"] == "success"
     sweep_s = ttl / 3  # each worker sweeps this often
     assert done[0]["duration_ms"] > (sweep_s + 0.5) * 1000, "too short to span a sweep; the test needs a longer one"
     assert got["usage"]["completion_tokens"] > 0
@@ -361,7 +361,7 @@ def test_a_generation_whose_worker_is_killed_starts_over_elsewhere(pair: Pair) -
         assert stream_text(messages) == result["text"] and result["usage"] == messages[-1]["usage"]
         print(f"generation started over {restarted_s:.1f}s after the kill, finished after {recovered_s:.1f}s")
         survivor = next(w for w in pair.workers if w is not victim)
-        assert [e["outcome"] for e in pair.done(task_id)] == ["ok"]
+        assert [e["outcome"] for e in pair.done(task_id)] == ["success"]
         assert any(e.get("event") == "reclaim.requeued" and e["task_id"] == task_id for e in survivor.events())
     finally:
         client.close()
@@ -405,7 +405,7 @@ def test_a_killed_workers_held_embeds_run_elsewhere_within_a_minute(pair: Pair, 
         ok: dict[str, int] = {}
         for worker in pair.workers:
             for e in worker.events():
-                if e.get("event") == "task.done" and e.get("outcome") == "ok":
+                if e.get("event") == "task.done" and e.get("outcome") == "success":
                     ok[e["task_id"]] = ok.get(e["task_id"], 0) + 1
         assert not [t for t, _ in sent if ok.get(t, 0) > 1], "a task was answered twice"
     finally:

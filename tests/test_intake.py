@@ -50,7 +50,7 @@ def test_a_revoked_task_never_runs(embed_worker: Any, producer: Celery) -> None:
         result.get(timeout=RESULT_TIMEOUT)  # the revoke itself already marks it REVOKED
     assert result.state == "REVOKED"
     # and when its message arrives, the intake drops it unrun
-    assert [e["outcome"] for e in _done_events(embed_worker, task_id)] == ["revoked"]
+    assert [e["outcome"] for e in _done_events(embed_worker, task_id)] == ["cancelled"]
 
 
 def test_an_expired_task_never_runs(embed_worker: Any, producer: Celery) -> None:

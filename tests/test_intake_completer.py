@@ -25,7 +25,7 @@ def test_bulk_completer_answers_each_job_once_in_the_order_they_finish(redis_url
     completer._flush = lambda jobs: flushed.append([(j.task_id, j.state) for j in jobs])  # type: ignore[method-assign]
 
     def finish(job: Job) -> None:
-        job.settle(JobState.SUCCESS, "ok")
+        job.settle(JobState.SUCCESS, "success")
 
     completer._finish = finish  # type: ignore[method-assign]
     far = time.monotonic() + 60

@@ -195,7 +195,7 @@ def test_ten_thousand_mixed_tasks_through_a_killed_worker_and_a_redis_restart(
         runs: dict[str, list[str]] = {}
         for worker in (victim, survivor):
             for e in worker.events():
-                if e.get("event") == "task.done" and e.get("outcome") == "ok":
+                if e.get("event") == "task.done" and e.get("outcome") == "success":
                     ok_runs[e["task_id"]] += 1
                     runs.setdefault(e["task_id"], []).append(
                         f"{worker.name.split('-')[1]} {e['task']} {e['timestamp']}"

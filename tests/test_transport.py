@@ -19,10 +19,11 @@ def test_broker_channel_reuses_one_client_and_keeps_kombus_unacked_bookkeeping(r
 
     assert transport_for("redis://h:6379/0") == transport_for("rediss://h:6380/1") == "producer.broker:Transport"
     assert transport_for("sentinel://h:26379") is None
-    # the worker's is a subclass (worker/transport.py), for the consuming side
+    # the worker's channels share the producer's one-client channel (worker/transport.py)
+    from producer.broker import SharedClient
     from worker.transport import Transport as WorkerTransport
 
-    assert issubclass(WorkerTransport, Transport)
+    assert issubclass(WorkerTransport.Channel, SharedClient)
     assert celery_config(load_settings(redis_url=redis_url))["broker_transport"] == "worker.transport:Transport"
     client = InferenceClient(redis_url)
     try:

@@ -6,10 +6,10 @@ routing, the producer pool, signals, kombu's entity copies and ``maybe_declare``
 message object and a second JSON pass. The client's
 sends are always the same shape (keyword arguments only, priority 0, no ETA, no canvas),
 so it writes that message itself: the same protocol-2 message, in the same envelope
-kombu's Redis transport stores, pushed with one ``LPUSH`` on the queue's list. A worker,
-Celery's consumer or the bulk intake, cannot tell the two apart (both read it with
-:func:`wire.decode.decode`);
-``tests/test_messages.py`` compares them field by field with what ``send_task`` writes.
+kombu's Redis transport stores (with one more header, ``sent_at``), pushed with one
+``LPUSH`` on the queue's list. A worker (Celery's consumer or the bulk intake, both
+reading with :func:`wire.decode.decode`) runs the two alike; ``tests/test_messages.py``
+compares them field by field with what ``send_task`` writes.
 
 This applies to ``redis://`` and ``rediss://`` brokers, where the queue is a Redis list of
 the queue's name; other broker URLs (Sentinel, sockets) go through Celery.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -83,6 +84,9 @@ def task_message(task: str, task_id: str, kwargs: dict[str, Any], queue: str, *,
             "replaced_task_nesting": 0,
             "stamped_headers": None,
             "stamps": {},
+            # an extension Celery's messages lack: when it was sent, for the worker's
+            # time-in-queue metric (ignored by Celery)
+            "sent_at": time.time(),
         },
         "properties": {
             "correlation_id": task_id,

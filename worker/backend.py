@@ -10,17 +10,28 @@ from __future__ import annotations
 from typing import Any
 
 from celery.backends.redis import RedisBackend as CeleryRedisBackend
+from celery.backends.redis import SentinelBackend as CelerySentinelBackend
 
 
-class RedisBackend(CeleryRedisBackend):
+class _RetriedReads:
     def get(self, key: Any) -> Any:
-        return self.ensure(super().get, (key,))
+        return self.ensure(super().get, (key,))  # type: ignore[attr-defined,misc]
 
     def mget(self, keys: Any) -> Any:
-        return self.ensure(super().mget, (keys,))
+        return self.ensure(super().mget, (keys,))  # type: ignore[attr-defined,misc]
+
+
+class RedisBackend(_RetriedReads, CeleryRedisBackend):
+    pass
+
+
+class SentinelBackend(_RetriedReads, CelerySentinelBackend):
+    pass
 
 
 def backend_url(redis_url: str) -> str:
-    """``result_backend`` for the worker: this class, on ``redis://`` and ``rediss://``."""
+    """``result_backend`` for the worker: these classes, for ``redis://``, ``rediss://``
+    and ``sentinel://`` URLs."""
     scheme = redis_url.partition("://")[0]
-    return f"{__name__}:RedisBackend+{redis_url}" if scheme in ("redis", "rediss") else redis_url
+    cls = {"redis": "RedisBackend", "rediss": "RedisBackend", "sentinel": "SentinelBackend"}.get(scheme)
+    return f"{__name__}:{cls}+{redis_url}" if cls else redis_url

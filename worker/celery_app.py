@@ -78,12 +78,15 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
             for kind, limit in settings.time_limits.items()
         },
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
+        # Flower and celery-exporter: task events, from the bulk intake too (task_events)
+        "worker_send_task_events": settings.task_events,
         "worker_disable_rate_limits": True,  # no per-task rate-limit bookkeeping
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
-    if transport := transport_for(settings.redis_url):
-        config["broker_transport"] = transport  # kombu's, reading every message first (worker/transport.py)
+    config["broker_transport"] = transport_for(settings.redis_url)  # kombu's, reading every message first
+    if settings.redis_master_name:  # Sentinel: the master's name, for the broker and the backend alike
+        config["broker_transport_options"]["master_name"] = settings.redis_master_name
+        config["result_backend_transport_options"]["master_name"] = settings.redis_master_name
     return config
 
 
@@ -94,7 +97,9 @@ def _configure(sender: Celery, **_: Any) -> None:
     except ConfigError as exc:
         raise SystemExit(f"worker: {exc}") from None
     sender.settings = settings  # type: ignore[attr-defined]
-    sender.services = RedisServices(settings.redis_url, settings.stream_ttl)  # type: ignore[attr-defined]
+    sender.services = RedisServices(  # type: ignore[attr-defined]
+        settings.redis_url, settings.stream_ttl, settings.redis_master_name
+    )
     sender.config_from_object(celery_config(settings))
 
 

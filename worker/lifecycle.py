@@ -9,6 +9,7 @@ solo pool that is the serving process itself; with prefork each child loads its 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from celery import bootsteps
 from celery.signals import setup_logging, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from models.registry import registry
-from worker import memory
+from worker import memory, telemetry
 from worker.celery_app import app, current_settings
 from worker.logging import configure_logging
 from worker.runtimes import build_runtime
@@ -71,7 +72,7 @@ def onednn_cache_settings(environ: dict[str, str]) -> dict[str, str]:
     return {name: ONEDNN_CACHE_CAPACITY for name in names if name not in environ}
 
 
-def load_models(settings: WorkerSettings) -> None:
+def load_models(settings: WorkerSettings, hostname: str = "") -> None:
     """Load, warm and register every hosted model; any failure stops the worker."""
     # oneDNN and ideep read their cache capacities once, at their first primitive
     if caps := onednn_cache_settings(dict(os.environ)):
@@ -87,6 +88,8 @@ def load_models(settings: WorkerSettings) -> None:
 
     from models.device import prepare_device, resolve_device
 
+    telemetry.start_metrics(settings, hostname or socket.gethostname())
+
     if settings.threads_per_worker:
         torch.set_num_threads(settings.threads_per_worker)
     device = resolve_device(settings.device)
@@ -101,6 +104,7 @@ def load_models(settings: WorkerSettings) -> None:
         runtime.warmup()
         t2 = time.perf_counter()
         registry.add(runtime)
+        telemetry.observe_runtime(runtime, alias, spec.task, settings.queue_of(alias))
         bound.info("model.ready", load_s=round(t1 - t0, 3), warmup_s=round(t2 - t1, 3), **runtime.describe())
     if retained:
         log.info("worker.memory_released", mib=round(memory.release_free_pages() / 2**20, 1))
@@ -118,7 +122,7 @@ class LoadModels(bootsteps.StartStopStep):
         self.enabled = current_settings().pool != "prefork"
 
     def start(self, parent: Any) -> None:
-        load_models(current_settings())
+        load_models(current_settings(), parent.hostname)
 
     def stop(self, parent: Any) -> None:
         registry.close()
@@ -153,10 +157,12 @@ class BulkIntakeStep(bootsteps.StartStopStep):
             parent.app,
             self.queues,
             redis_url=settings.redis_url,
+            master_name=settings.redis_master_name,
             prefetch=settings.intake_prefetch,
             time_limits=settings.time_limits,
             limits=Limits(max_items=settings.max_items, max_text_chars=settings.max_text_chars),
             hostname=parent.hostname,
+            task_events=settings.task_events,
         )
         intake.start()
 
@@ -179,19 +185,22 @@ class LivenessStep(bootsteps.StartStopStep):
     ``worker_shutdown``, after the pool has finished its tasks: then it hands back what
     the process still holds and drops its liveness key."""
 
-    requires = (LoadModels,)
+    requires = (BulkIntakeStep,)  # (the bulk intake, where there is one, is checked by the health probe)
 
     def start(self, parent: Any) -> None:
-        import redis
-
+        from wire import connect
         from worker import transport, unreadable
         from worker.liveness import Beacon, identity
         from worker.reclaim import Reclaimer
 
         global beacon
         settings = current_settings()
-        client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+        client = connect.client(
+            settings.redis_url,
+            settings.redis_master_name,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=30,
         )
         reclaimer = Reclaimer(
             client,
@@ -209,6 +218,7 @@ class LivenessStep(bootsteps.StartStopStep):
             on_beat=transport.deferred.flush,
         )
         beacon.start()
+        telemetry.start_health(settings, intake)
 
 
 beacon: Any = None
@@ -237,6 +247,7 @@ def held_tags() -> set[str]:
 @worker_shutdown.connect
 def _stop_beacon(**_: Any) -> None:
     global beacon
+    telemetry.stop()
     if beacon is not None:
         beacon.stop()
         beacon = None

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
+
+
+def observe(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A processor: the worker's metrics read the ``task.done`` and ``model.ready`` events
+    (worker/metrics.py), where they are on."""
+    from worker import metrics
+
+    return metrics.active.log_processor(logger, method, event) if metrics.active is not None else event
 
 
 def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
@@ -26,7 +35,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
         structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[*shared, observe, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

@@ -6,16 +6,19 @@ fork), shared by every task thread."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import redis
 
+from wire import connect
 from wire.keys import REDELIVERIES
 from worker.streams import CancelWatch, StreamPublisher, replay
 
 
 class RedisServices:
-    def __init__(self, redis_url: str, stream_ttl: int) -> None:
+    def __init__(self, redis_url: str, stream_ttl: int, master_name: str | None = None) -> None:
         self.redis_url = redis_url
+        self.master_name = master_name
         self.stream_ttl = stream_ttl
         self._client: redis.Redis | None = None
         self._lock = threading.Lock()
@@ -24,7 +27,7 @@ class RedisServices:
     def redis(self) -> redis.Redis:
         with self._lock:
             if self._client is None:
-                self._client = redis.Redis.from_url(self.redis_url, health_check_interval=30)
+                self._client = connect.client(self.redis_url, self.master_name, health_check_interval=30)
             return self._client
 
     def publisher(self, task_id: str) -> StreamPublisher:
@@ -35,6 +38,12 @@ class RedisServices:
 
     def stream_since_reset(self, task_id: str) -> list[dict]:
         return replay(self.redis, task_id)
+
+    def generation_timer(self, model: str, queue: str) -> Any:
+        """Times a generation's tokens for the metrics (None where they are off)."""
+        from worker import metrics
+
+        return metrics.active.generation(model, queue) if metrics.active is not None else None
 
     def times_lost(self, task_id: str) -> int:
         """How often the task was handed back after its worker died (worker/reclaim.py);

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from models.options import ALL_OPTIONS, CausalLMOptions, EncoderOptions, GGUFOptions, RuntimeOptions, options_class
+from wire.connect import is_sentinel, sentinel_parts
 from wire.limits import MAX_ITEMS, MAX_TEXT_CHARS, TASK_KINDS, TIME_LIMITS
 
 TaskKind = Literal["embed", "rerank", "ner", "classify", "generate"]
@@ -126,7 +127,14 @@ class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WORKER_", extra="forbid", env_nested_delimiter="__")
 
     config: str | None = Field(None, description="Path of the YAML file these settings came from.")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker and result backend.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Broker and result backend: redis://, rediss:// (TLS), or sentinel://host:26379;sentinel://"
+        "host2:26379 (Redis Sentinel, with redis_master_name).",
+    )
+    redis_master_name: str | None = Field(
+        None, description="With a sentinel:// redis_url: the name of the master the sentinels watch."
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N | mps")
     models: dict[str, ModelSpec] = Field(
         default_factory=lambda: {k: ModelSpec(**v) for k, v in DEFAULT_MODELS.items()},
@@ -182,6 +190,30 @@ class WorkerSettings(BaseSettings):
         description="With retain_memory: hand the kept memory back to the system (malloc_trim) whenever the "
         "worker's RSS has grown this many MiB above its level after the last hand-back.",
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve Prometheus metrics on this port (worker/metrics.py); off when unset. One port per worker "
+        "process: with several workers on a host, give each its own.",
+    )
+    metrics_addr: str = Field("0.0.0.0", description="The address the metrics port binds to.")
+    task_events: bool = Field(
+        False,
+        description="Send Celery task events (task-received, -started, -succeeded, -failed), from the bulk intake "
+        "too, so Flower and celery-exporter see every task.",
+    )
+    health_dir: str | None = Field(
+        None,
+        description="Keep the liveness and readiness files for container probes here (worker/health.py; probe with "
+        "'python -m worker.health live|ready'); off when unset.",
+    )
+    liveness_stall_s: float = Field(
+        120.0,
+        ge=5,
+        description="A model's compute thread busy this long without progress (a forward pass, a token) fails the "
+        "liveness probe.",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console lines on a terminal, JSON lines otherwise."
     )
@@ -203,6 +235,18 @@ class WorkerSettings(BaseSettings):
         if bad:
             raise ValueError(f"time limits must be > 0: {bad}")
         return {**DEFAULT_TIME_LIMITS, **value}
+
+    @model_validator(mode="after")
+    def _check_redis(self) -> WorkerSettings:
+        if is_sentinel(self.redis_url):
+            if not self.redis_master_name:
+                raise ValueError("redis_master_name: a sentinel:// redis_url needs the master's name")
+            sentinel_parts(self.redis_url)  # each address readable
+        elif self.redis_url.partition("://")[0] not in ("redis", "rediss"):
+            raise ValueError(
+                f"redis_url: redis://, rediss:// or sentinel://, not {self.redis_url.partition('://')[0]!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_registry(self) -> WorkerSettings:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from time import time
 from typing import Any
 
@@ -36,6 +38,7 @@ from kombu.utils.json import dumps
 
 from producer import broker
 from wire import keys
+from wire.connect import is_sentinel
 from wire.decode import Unreadable, check_envelope, decode
 
 log = structlog.get_logger("worker")
@@ -178,28 +181,32 @@ class QoS(broker.kombu_redis.QoS):
         self._delivered.restored = True
 
 
-class Channel(broker.Channel):
+class _Consuming(broker.SharedClient):
+    """The consuming side's changes, for kombu's Redis channel and its Sentinel channel."""
+
     QoS = QoS
-    _saved_params: dict[bool, dict[str, Any]]
+    connection: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._saved_params = {}
         super().__init__(*args, **kwargs)
         # Celery's task queues get the task message's full reading; other queues (control
         # replies) what kombu needs
         self._task_queues = frozenset(self.connection.client.transport_options.get("task_queues") or ())
 
-    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
-        """kombu's, remembered: a closed channel has no connection to read them from, and
-        its running tasks still ack through it."""
-        if self.connection is None and asynchronous in self._saved_params:
-            return dict(self._saved_params[asynchronous])
-        params = super()._connparams(asynchronous=asynchronous)
-        self._saved_params[asynchronous] = dict(params)
-        return params
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu's, with one client per pool; on a channel closed by a lost connection (whose
+        running tasks still ack through it), the worker's own client."""
+        if client is None and (self.connection is None or self.connection.client is None):
+            from worker.celery_app import app
+
+            yield app.services.redis
+            return
+        with super().conn_or_acquire(client) as chosen:
+            yield chosen
 
     def _create_client(self, asynchronous: bool = False) -> Any:
-        client = super()._create_client(asynchronous)
+        client = super()._create_client(asynchronous)  # type: ignore[misc]
         if asynchronous:  # the client that BRPOPs
             parse = client.parse_response
 
@@ -234,13 +241,25 @@ class Channel(broker.Channel):
         if not isinstance(props, dict) or not isinstance(props.get("delivery_tag"), str):
             log.error("message.unreadable", reason="broadcast message without an envelope", exchange=exchange)
             return False
-        return super()._deliver_fanout_message(message, exchange)
+        return super()._deliver_fanout_message(message, exchange)  # type: ignore[misc]
 
 
-class Transport(broker.Transport):
+class Channel(_Consuming, broker.kombu_redis.Channel):
+    pass
+
+
+class SentinelChannel(_Consuming, broker.kombu_redis.SentinelChannel):
+    pass
+
+
+class Transport(broker.kombu_redis.Transport):
     Channel = Channel
 
 
-def transport_for(url: str) -> str | None:
-    """Celery's ``broker_transport`` for the worker (None: kombu's own choice)."""
-    return f"{__name__}:Transport" if broker.transport_for(url) else None
+class SentinelTransport(broker.kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
+def transport_for(url: str) -> str:
+    """Celery's ``broker_transport`` for the worker."""
+    return f"{__name__}:{'SentinelTransport' if is_sentinel(url) else 'Transport'}"

@@ -35,6 +35,7 @@ from tasks.schemas import Limits
 from wire.errors import InferenceError
 from worker.intake.completer import Completer
 from worker.intake.dispatch import Dispatcher
+from worker.intake.events import TaskEvents
 from worker.intake.job import Job, JobState
 from worker.intake.source import QueueSource
 from worker.intake.stats import IntakeStats
@@ -44,6 +45,7 @@ __all__ = ["BulkIntake", "Job"]
 log = structlog.get_logger("worker")
 
 RETRY_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+STALL_S = 60.0  # the loop goes round every few seconds at most; this long without, it is stuck
 
 
 class BulkIntake:
@@ -56,14 +58,16 @@ class BulkIntake:
         *,
         redis_url: str,
         prefetch: int,
+        master_name: str | None = None,
         time_limits: dict[str, float],
         limits: Limits,
         hostname: str,
+        task_events: bool = False,
     ) -> None:
         self.queues = list(queues)
         self.prefetch = prefetch
         self.stats = IntakeStats()
-        self.source = QueueSource(app, self.queues, redis_url, self.stats)
+        self.source = QueueSource(app, self.queues, redis_url, self.stats, master_name)
         self.completer = Completer(
             app,
             self.source,
@@ -71,6 +75,7 @@ class BulkIntake:
             stats=self.stats,
             stopping=lambda: self._stopping.is_set(),
             on_flushed=self._released,
+            events=TaskEvents(app, hostname) if task_events else None,
         )
         self.dispatcher = Dispatcher(
             app,
@@ -88,6 +93,7 @@ class BulkIntake:
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._last_loop = time.monotonic()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -139,9 +145,19 @@ class BulkIntake:
 
     # -- the intake thread --------------------------------------------------------------
 
+    def stalled(self) -> str | None:
+        """For the liveness probe: what is wrong, if the intake loop has stopped going round
+        (it does at least every few seconds, Redis or no Redis)."""
+        if self._threads and not self._stopping.is_set():
+            idle = time.monotonic() - self._last_loop
+            if idle > STALL_S:
+                return f"the bulk intake's loop has not gone round for {idle:.0f}s"
+        return None
+
     def _intake_loop(self) -> None:
         failures = 0
         while not self._stopping.is_set():
+            self._last_loop = time.monotonic()
             try:
                 self.source.maintain()
                 self._release_due()

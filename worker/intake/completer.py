@@ -24,7 +24,9 @@ from celery import Celery
 from tasks.base import contract_error, log_done
 from wire import keys
 from wire.errors import InferenceError
+from worker import metrics
 from worker.intake.dispatch import context
+from worker.intake.events import TaskEvents
 from worker.intake.job import Job, JobState
 from worker.intake.source import QueueSource
 from worker.intake.stats import IntakeStats
@@ -48,6 +50,7 @@ class Completer:
         stats: IntakeStats,
         stopping: Callable[[], bool],
         on_flushed: Callable[[int], None],
+        events: TaskEvents | None = None,
     ) -> None:
         self.app = app
         self.source = source
@@ -55,6 +58,7 @@ class Completer:
         self.stats = stats
         self.stopping = stopping
         self.on_flushed = on_flushed  # the count of jobs answered (or given up), for the prefetch count
+        self.events = events
         self.inbox: queue_mod.Queue[list[Job] | tuple[Job, Any] | None] = queue_mod.Queue()
         backend = app.backend
         self._expires = backend.expires
@@ -122,7 +126,16 @@ class Completer:
         try:
             rows = job.runtime.batcher.wait(job.pending, 0)
             output = job.prepared.finish(rows)
-            job.settle(JobState.SUCCESS, "ok", result=job.plan.build(output, job.prepared.tokens))
+            job.settle(JobState.SUCCESS, "success", result=job.plan.build(output, job.prepared.tokens))
+            if (m := metrics.active) is not None:
+                m.request(
+                    str(job.model),
+                    str(job.name),
+                    str(job.queue),
+                    tokenize_s=job.tokenize_s,
+                    inference_s=job.pending.compute_s,
+                    prompt_tokens=job.prepared.tokens,
+                )
         except Exception as exc:  # noqa: BLE001 - the error edge
             outcome, error = contract_error(exc, **context(job))
             job.settle(JobState.FAILURE, outcome, error=error, tb=traceback.format_exc())
@@ -130,7 +143,7 @@ class Completer:
     def _time_out(self, job: Job) -> None:
         limit = self.time_limits.get(job.name, 60.0)  # type: ignore[arg-type]
         error = InferenceError(f"model {job.model}: no result within the {job.name} time limit of {limit:.0f}s")
-        job.settle(JobState.FAILURE, "error", error=error)
+        job.settle(JobState.FAILURE, "timeout", error=error)
 
     def _flush(self, jobs: list[Job]) -> None:
         """Store the results and ack the messages of ``jobs`` in one pipeline."""
@@ -140,7 +153,7 @@ class Completer:
             now = self.app.now().isoformat()
             done_at = time.monotonic()
             for job in jobs:  # logged before the results are visible, as a Celery task logs before it returns
-                if job.outcome == "ok":
+                if job.outcome == "success":
                     self.stats.served += 1
                 if job.state not in (JobState.REFUSED, JobState.TRACED, JobState.DUPLICATE):
                     log_done(job.outcome, done_at - job.received, job.error, intake="bulk", **context(job))
@@ -158,6 +171,8 @@ class Completer:
                         log.warning("intake.store_retrying", error=str(exc), tasks=len(jobs))
                     time.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
             self.stats.store_batches += 1
+            if self.events is not None:
+                self.events.send(jobs)
         finally:
             self.on_flushed(len(jobs))
 

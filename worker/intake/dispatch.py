@@ -23,6 +23,7 @@ from tasks.encoders import PLANNERS
 from tasks.schemas import Limits
 from wire import keys
 from wire.decode import TaskMessage, Unreadable, decode, loads
+from worker import metrics
 from worker.intake.job import Job, JobState
 from worker.intake.stats import IntakeStats
 from worker.unreadable import refuse
@@ -100,6 +101,8 @@ class Dispatcher:
         job.redelivered = bool(message.headers.get("redelivered"))
         model = message.kwargs.get("model")
         job.model = model if isinstance(model, str) else None
+        if (m := metrics.active) is not None:
+            m.request(str(job.model), str(job.name), job.queue, sent_at=message.headers.get("sent_at"))
 
     def drop_duplicates(self, jobs: list[Job]) -> None:
         """A message handed back after its worker died may have been answered already (the
@@ -141,8 +144,11 @@ class Dispatcher:
         return "answer" if job.settled else "runnable"
 
     def _revoke(self, job: Job, reason: str) -> str:
+        """A revoked task is cancelled before it starts (CONTRACT §5); an expired one is
+        past its ``expires``."""
         self.stats.revoked += 1
-        job.settle(JobState.REVOKED, reason, error=TaskRevokedError(reason))
+        outcome = "cancelled" if reason == "revoked" else reason
+        job.settle(JobState.REVOKED, outcome, error=TaskRevokedError(reason))
         return "answer"
 
     def prepare(self, job: Job) -> None:
@@ -152,7 +158,9 @@ class Dispatcher:
         try:
             request = validate(job.name, schema, job.args, job.kwargs, self.limits)  # type: ignore[arg-type]
             job.plan = planner(request)
+            started = time.perf_counter()
             job.prepared = job.plan.prepare()
+            job.tokenize_s = time.perf_counter() - started
             job.runtime = job.plan.runtime
             job.deadline = time.monotonic() + self.time_limits.get(job.name, 60.0)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - the error edge

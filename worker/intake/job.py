@@ -53,6 +53,7 @@ class Job:
     pending: Any = None  # the batcher's request
     runtime: Any = None
     deadline: float = 0.0
+    tokenize_s: float = 0.0
     # its outcome
     state: JobState = JobState.TAKEN
     answered: bool = False  # taken by the completer to be stored and acked (exactly once)

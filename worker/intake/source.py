@@ -22,7 +22,7 @@ import redis
 import structlog
 from celery import Celery
 
-from wire import keys
+from wire import connect, keys
 from worker.intake.job import Job
 from worker.intake.stats import IntakeStats
 from worker.liveness import identity
@@ -36,12 +36,14 @@ POP_SCRIPT = (Path(__file__).parent.parent / "lua" / "pop.lua").read_text()
 
 
 class QueueSource:
-    def __init__(self, app: Celery, queues: Sequence[str], redis_url: str, stats: IntakeStats) -> None:
+    def __init__(
+        self, app: Celery, queues: Sequence[str], redis_url: str, stats: IntakeStats, master_name: str | None = None
+    ) -> None:
         self.app = app
         self.queues = list(queues)
         self.stats = stats
-        self.redis = redis.Redis.from_url(
-            redis_url, socket_timeout=IDLE_WAIT_S + 10, socket_connect_timeout=5, health_check_interval=30
+        self.redis = connect.client(
+            redis_url, master_name, socket_timeout=IDLE_WAIT_S + 10, socket_connect_timeout=5, health_check_interval=30
         )
         self._pop_script = self.redis.register_script(POP_SCRIPT)
         self._keys = {q: keys.priority_keys(q) for q in self.queues}
