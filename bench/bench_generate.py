@@ -26,10 +26,17 @@ prompt every time; both paths evaluate it from scratch each time (the worker res
 the llama.cpp context per request so no output depends on the request before;
 ``--vary-prompt`` makes every request's prompt different).
 
+With ``--sweep 1,2,4,8`` it then runs a concurrency sweep (bench/_sweep.py): that many
+streams at once against a worker whose model has ``parallel`` set to the highest level,
+for each backend (transformers in each of ``--hf-dtypes``), against one stream and
+against the library called directly with the same concurrency; TTFT of a request that
+arrives while the others decode; inter-token latency p50 and p99.
+
 Run by hand (not a test)::
 
     python bench/bench_generate.py --write
     python bench/bench_generate.py --tiny --write    # without the gguf package
+    python bench/bench_generate.py --only-sweep --sweep 1,2,4,8 --write
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
+import _sweep  # noqa: E402
 
 PROMPT = (
     "The following is a short article about the history of the bicycle, written for a general audience.\n\nThe bicycle"
@@ -359,7 +367,14 @@ def main() -> None:
         "--with-encoder", action="store_true", help="the worker also hosts MiniLM (embed), idle: a mixed CPU worker"
     )
     p.add_argument("--task-timeout", type=float, default=600.0, help="seconds one generation may take")
+    p.add_argument("--sweep", default="", help="concurrency levels for the sweep, e.g. 1,2,4,8 (default: no sweep)")
+    p.add_argument("--only-sweep", action="store_true", help="skip the one-stream comparison")
+    p.add_argument("--sweep-tokens", type=int, default=64, help="sweep: max_tokens per stream")
+    p.add_argument("--sweep-reps", type=int, default=2, help="sweep: repetitions per level (the median is reported)")
+    p.add_argument("--sweep-slot-ctx", type=int, default=512, help="sweep: llama.cpp context per slot")
+    p.add_argument("--hf-dtypes", default="float32,bfloat16", help="sweep: transformers dtypes, comma-separated")
     args = p.parse_args()
+    args.levels = sorted({int(x) for x in args.sweep.split(",") if x.strip()})
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     unknown = set(runtimes) - {"llama_cpp", "transformers"}
     if unknown or not runtimes:
@@ -377,6 +392,10 @@ def main() -> None:
             else:
                 hf_folder = str(gemma_hf_folder(gguf))
         parts = []
+        if args.levels:
+            sweep = run_sweep(runtimes, gguf, hf_folder, args, wd)
+        if args.only_sweep:
+            runtimes = []
         if "llama_cpp" in runtimes:
             spec = {
                 "task": "generate",
@@ -430,7 +449,76 @@ def main() -> None:
         + "\n\n"
         + "\n".join(parts)
     )
-    h.report("bench_generate", "Generate: worker streaming vs the library directly", body, args)
+    if parts:
+        h.report("bench_generate", "Generate: worker streaming vs the library directly", body, args)
+    if args.levels:
+        h.report("bench_generate-sweep", "Generate: many streams at once (continuous batching)", sweep, args)
+
+
+def run_sweep(runtimes: list[str], gguf: str, hf_folder: str | None, args: Any, wd: Path) -> str:
+    parallel = max(args.levels)
+    parts = []
+    backends: list[tuple[str, str, dict[str, Any], Callable[[int], float]]] = []
+    if "llama_cpp" in runtimes:
+        spec = {
+            "task": "generate",
+            "source": gguf,
+            "n_ctx": args.sweep_slot_ctx * parallel,
+            "n_threads": args.n_threads,
+            "n_gpu_layers": 0,
+        }
+        backends.append(
+            (
+                "llama.cpp",
+                f"Gemma-3 270M Q4_K_M GGUF, n_threads {args.n_threads}, {args.sweep_slot_ctx} tokens per slot",
+                spec,
+                lambda level: _sweep.llama_direct_rate(gguf, level, args),
+            )
+        )
+    if "transformers" in runtimes:
+        assert hf_folder is not None
+        for dtype in [d.strip() for d in args.hf_dtypes.split(",") if d.strip()]:
+            spec = {"task": "generate", "source": hf_folder, "backend": "transformers", "dtype": dtype}
+            backends.append(
+                (
+                    "transformers",
+                    f"{'tiny seeded Llama' if args.tiny else 'Gemma-3 270M from the GGUF'}, {dtype}",
+                    spec,
+                    lambda level, dtype=dtype: _sweep.hf_direct_rate(hf_folder, level, dtype, args),
+                )
+            )
+    for runtime, model, spec, direct_rate in backends:
+        spec = {**spec, "parallel": parallel, "max_waiting": 2 * parallel, "queue": h.unique("gen-sweep")}
+        client = h.client(args.redis_url, timeouts={"generate": args.task_timeout})
+        try:
+            with h.running_worker(
+                "gen-sweep",
+                {"lm": spec},
+                redis_url=args.redis_url,
+                workdir=wd,
+                boot_timeout=args.boot_timeout,
+                concurrency=2 * parallel + 2,
+            ):
+                served = _sweep.run_worker_sweep(client, "lm", spec["queue"], args)
+        finally:
+            client.close()
+        h.free()
+        direct = {}
+        for level in args.levels:
+            h.log(f"sweep: {runtime} directly, {level} sequence(s)")
+            direct[level] = direct_rate(level)
+        parts.append(f"### {runtime}: {model}\n\n{_sweep.table(served, direct)}\n")
+    library = (
+        "Library: llama.cpp's batch API (one context, that many sequences, one `llama_decode` per step); "
+        "transformers' `generate` over that many left-padded prompts."
+    )
+    return (
+        f"Greedy, {args.sweep_tokens} new tokens per stream, a different prompt per stream, median of "
+        f"{args.sweep_reps} per level; the worker's model has `parallel: {parallel}`. Worker tok/s: every "
+        "stream's completion tokens over the wall time from the first send to the last end. TTFT under load: a "
+        "request sent while the other streams decode, against the same request on an idle worker (the 1-stream "
+        f"row). ITL: gaps between a stream's token messages, over every stream. {library}\n\n" + "\n".join(parts)
+    )
 
 
 if __name__ == "__main__":

@@ -63,4 +63,11 @@ class Encoder(Runtime, Protocol):
 
 
 class Generator(Runtime, Protocol):
+    """generate: one request's generation, streamed through ``control``; with
+    ``parallel`` > 1 decoded together with the model's other generations."""
+
     def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult: ...
+
+    def generation_load(self) -> tuple[int, int]:
+        """Generations decoding now, and waiting for their turn."""
+        ...

@@ -1,10 +1,12 @@
 """Transformers causal LMs (``AutoModelForCausalLM``).
 
-``model.generate`` runs in its own thread and hands text to a ``TextIteratorStreamer``;
-the request's thread reads the streamer, cuts stop strings, and publishes pieces. A
-stopping criterion polls for cancellation and the deadline between tokens. Greedy
-decoding (``temperature=0``) is ``generate(do_sample=False)``: the text equals what the
-library gives directly for the same prompt.
+With ``parallel: 1`` (the default), ``model.generate`` runs on the model's thread, one
+generation at a time, and hands text to a ``TextIteratorStreamer``; the request's thread
+reads the streamer, cuts stop strings, and publishes pieces. A stopping criterion polls
+for cancellation and the deadline between tokens. Greedy decoding (``temperature=0``) is
+``generate(do_sample=False)``: the text equals what the library gives directly for the
+same prompt. With ``parallel: N`` up to N generations are decoded together, as rows of
+one KV cache (models/causal_lm_rows.py, models/continuous.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from transformers import (
 
 from models.base import GENERATE
 from models.compute import ComputeThread
+from models.continuous import Scheduler, Sequence
 from models.device import flash_attention_available, resolve_dtype
 from models.generation import (
     GenerationControl,
@@ -76,7 +79,8 @@ class CausalLMRuntime:
         # request's thread reads the streamer while its generation runs there, and
         # concurrent requests take their turns
         self._compute = ComputeThread(alias)
-        self.compute = self._compute  # (for the worker's metrics: generations running and waiting)
+        self.compute = self._compute
+        self.scheduler: Scheduler | None = None  # with parallel > 1
 
     def load(self) -> None:
         self._compute.run(self._load)
@@ -101,18 +105,34 @@ class CausalLMRuntime:
         self.pad_token_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         )
+        if opts.parallel > 1:
+            from models.causal_lm_rows import CacheRows
+
+            self._rows = CacheRows(self.model, self.tokenizer, self.device, self._eos_ids())
+            self.scheduler = Scheduler(self.alias, self._rows, self._compute, opts.parallel, opts.max_waiting)
 
     def warmup(self) -> None:
         self.generate(GenerationParams(prompt="Hello", max_tokens=2, temperature=0.0), GenerationControl())
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
         self._compute.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"context": self.context, "dtype": str(self.model.dtype), "chat_template": self.has_chat_template}
+        described = {"context": self.context, "dtype": str(self.model.dtype), "chat_template": self.has_chat_template}
+        if self.scheduler is not None:
+            described["parallel"] = self.options.parallel
+        return described
 
     def stats(self) -> dict[str, Any]:
-        return {}
+        return self.scheduler.stats() if self.scheduler is not None else {}
+
+    def generation_load(self) -> tuple[int, int]:
+        """Generations decoding now, and waiting for their turn (for the metrics)."""
+        if self.scheduler is not None:
+            return self.scheduler.load()
+        return (1 if self._compute.busy else 0), self._compute.waiting
 
     @property
     def has_chat_template(self) -> bool:
@@ -135,6 +155,11 @@ class CausalLMRuntime:
         inputs = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask") if k in encoded}
         prompt_tokens = int(inputs["input_ids"].shape[1])
         check_context(prompt_tokens, params.max_tokens, self.context)
+        if self.scheduler is not None:
+            ids = encoded["input_ids"][0].tolist()
+            seq = Sequence(params, ids, self._rows.decoder(), control.deadline)
+            self.scheduler.submit(seq)
+            return self.scheduler.follow(seq, control)
 
         halt = _Halt(control, self._compute.progress)
         scanner = StopScanner(params.stop)

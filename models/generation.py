@@ -47,14 +47,14 @@ class GenerationResult:
     completion_tokens: int
 
 
-def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
+def check_context(prompt_tokens: int, max_tokens: int, context: int, window: str = "the context window") -> None:
     """Refuse, saying by how much, a request whose prompt and completion cannot fit."""
     needed = prompt_tokens + max_tokens
     if needed > context:
         field_name = "prompt/messages" if prompt_tokens >= context else "max_tokens"
         raise InvalidRequest(
             f"{field_name}: {prompt_tokens} prompt tokens + max_tokens {max_tokens} = {needed} tokens "
-            f"exceed the context window of {context} by {needed - context}"
+            f"exceed {window} of {context} by {needed - context}"
         )
 
 

@@ -1,10 +1,12 @@
 """GGUF models through llama-cpp-python.
 
-Chats go through ``Llama.create_chat_completion`` (the template in the GGUF metadata,
-llama-cpp's own fallback where there is none) and raw prompts through
-``create_completion``, both streamed, so the text is what llama-cpp gives directly for
-the same settings. One ``Llama`` context serves one generation at a time: a lock
-serialises concurrent requests on a model.
+With ``parallel: 1`` (the default) chats go through ``Llama.create_chat_completion``
+(the template in the GGUF metadata, llama-cpp's own fallback where there is none) and
+raw prompts through ``create_completion``, both streamed, so the text is what llama-cpp
+gives directly for the same settings; the model's thread serves one generation at a
+time. With ``parallel: N`` the model decodes up to N generations together in llama.cpp
+slots (models/gguf_slots.py, models/continuous.py), their prompts built by the same
+chat handler.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import structlog
 
 from models.base import GENERATE
 from models.compute import ComputeThread
+from models.continuous import Scheduler, Sequence
 from models.generation import (
     GenerationControl,
     GenerationParams,
@@ -111,8 +114,10 @@ class GGUFRuntime:
         # every llama.cpp call (load, warm-up, each generation) runs on the model's own
         # thread (see models/compute.py), which also serialises generations on its context
         self._compute = ComputeThread(alias)
-        self.compute = self._compute  # (for the worker's metrics: generations running and waiting)
+        self.compute = self._compute
         self._steps = _StepCounter()
+        self.scheduler: Scheduler | None = None  # with parallel > 1
+        self._slots: Any = None
 
     def load(self) -> None:
         self._compute.run(self._load)
@@ -122,17 +127,26 @@ class GGUFRuntime:
         n_gpu_layers = opts.n_gpu_layers
         if n_gpu_layers is None:
             n_gpu_layers = -1 if self.device != "cpu" else 0  # every layer on a GPU, none on the CPU
+        parallel = opts.parallel > 1
         with structlog.contextvars.bound_contextvars(model=self.alias):  # on the loader's log lines
-            self.llm = self._open(opts, n_gpu_layers)
-        self.n_ctx = self.llm.n_ctx()
+            # with slots, the Llama's own context goes unused (its model, vocabulary and chat
+            # handler serve): the smallest there is
+            self.llm = self._open(opts, n_gpu_layers, n_ctx=256 if parallel else opts.n_ctx)
         self._formatter = self._template_formatter()
         self._count_samples()
+        self.n_ctx = self.llm.n_ctx()
+        if parallel:
+            from models.gguf_slots import LlamaSlots
 
-    def _open(self, opts: GGUFOptions, n_gpu_layers: int) -> Any:
+            self._slots = LlamaSlots(self.llm, parallel=opts.parallel, n_ctx=opts.n_ctx, n_batch=opts.n_batch)
+            self.n_ctx = self._slots.n_ctx_seq
+            self.scheduler = Scheduler(self.alias, self._slots, self._compute, opts.parallel, opts.max_waiting)
+
+    def _open(self, opts: GGUFOptions, n_gpu_layers: int, n_ctx: int) -> Any:
         return open_llama(
             self.path,
             weight_repacking=opts.weight_repacking,
-            n_ctx=opts.n_ctx,
+            n_ctx=n_ctx,
             n_batch=opts.n_batch,
             n_threads=opts.n_threads or os.cpu_count(),
             n_gpu_layers=n_gpu_layers,
@@ -162,19 +176,33 @@ class GGUFRuntime:
 
     def close(self) -> None:
         def close_llm() -> None:
+            if self._slots is not None:
+                self._slots.close()
+                self._slots = None
             llm = getattr(self, "llm", None)
             if llm is not None:
                 llm.close()
                 self.llm = None
 
+        if self.scheduler is not None:
+            self.scheduler.close()
         self._compute.run(close_llm)
         self._compute.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"n_ctx": self.n_ctx, "chat_format": self.llm.chat_format, "path": self.path}
+        described = {"n_ctx": self.n_ctx, "chat_format": self.llm.chat_format, "path": self.path}
+        if self.scheduler is not None:
+            described.update(parallel=self.options.parallel, n_ctx_total=self.options.n_ctx)
+        return described
 
     def stats(self) -> dict[str, Any]:
-        return {}
+        return self.scheduler.stats() if self.scheduler is not None else {}
+
+    def generation_load(self) -> tuple[int, int]:
+        """Generations decoding now, and waiting for their turn (for the metrics)."""
+        if self.scheduler is not None:
+            return self.scheduler.load()
+        return (1 if self._compute.busy else 0), self._compute.waiting
 
     def _template_formatter(self) -> Any:
         """The Jinja formatter llama-cpp builds from the GGUF template, to count prompt tokens."""
@@ -207,13 +235,32 @@ class GGUFRuntime:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
     def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult:
-        """Runs on the model's thread; concurrent requests wait their turn there."""
+        """With slots, decoded together with the model's other generations; else on the
+        model's thread, where concurrent requests wait their turn."""
+        if self.scheduler is not None:
+            return self.scheduler.follow(self._sequence(params, control), control)
         started = threading.Event()
         done = self._compute.submit(self._generate, params, control, started)
         if not wait_for_turn(done, started, control):
             # never started: the prompt is counted here (tokenizing only reads the vocabulary)
             return GenerationResult("", "cancelled", self.count_prompt_tokens(params), 0)
         return done.result()
+
+    def _sequence(self, params: GenerationParams, control: GenerationControl) -> Sequence:
+        """A request as a sequence for the slots: its prompt built as llama-cpp would build
+        it, checked against a slot's share of the context, and submitted."""
+        from models.gguf_slots import chat_prompt, completion_prompt
+
+        assert self.scheduler is not None and self._slots is not None
+        if params.messages is not None:
+            prompt_ids, stops = chat_prompt(self.llm, params.messages)
+        else:
+            prompt_ids, stops = completion_prompt(self.llm, params.prompt or ""), []
+        window = f"a slot's share of the context (n_ctx {self.options.n_ctx} / parallel {self.options.parallel})"
+        check_context(len(prompt_ids), params.max_tokens, self.n_ctx, window)
+        seq = Sequence(params, prompt_ids, self._slots.decoder(), control.deadline, extra_stops=stops)
+        self.scheduler.submit(seq)
+        return seq
 
     def _generate(
         self, params: GenerationParams, control: GenerationControl, started: threading.Event
@@ -267,6 +314,7 @@ class GGUFRuntime:
                     finish_reason = choice["finish_reason"]
                     eos = finish_reason == "stop"  # the model's end-of-text (or the template's stop)
                     break
+                self._compute.progress()
                 if control.should_stop():
                     finish_reason = "cancelled"
                     break

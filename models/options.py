@@ -48,7 +48,27 @@ class EncoderOptions(TransformersOptions):
     )
 
 
-class CausalLMOptions(TransformersOptions):
+class GenerationOptions(_Options):
+    """What every generate runtime takes: continuous batching (models/continuous.py)."""
+
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Generations decoded together, each in its own slot (llama.cpp: the context is split between "
+        "the slots). 1 decodes one at a time, with text exactly as the library gives it alone; above 1, a batch's "
+        "arithmetic can change a greedy text now and then (docs/generation.md).",
+    )
+    max_waiting: int = Field(
+        16,
+        ge=0,
+        le=4096,
+        description="With parallel > 1: requests that may wait for a slot; past that a request is refused with "
+        "Overloaded and retried later.",
+    )
+
+
+class CausalLMOptions(TransformersOptions, GenerationOptions):
     """models/causal_lm.py: generate on a transformers causal LM."""
 
     gguf_file: str | None = Field(
@@ -56,10 +76,10 @@ class CausalLMOptions(TransformersOptions):
     )
 
 
-class GGUFOptions(_Options):
+class GGUFOptions(GenerationOptions):
     """models/gguf.py: generate on a GGUF model through llama-cpp-python."""
 
-    n_ctx: int = Field(4096, ge=16, description="Context window in tokens.")
+    n_ctx: int = Field(4096, ge=16, description="Context window in tokens (split between the slots with parallel > 1).")
     n_batch: int = Field(512, ge=1, description="Prompt-processing batch size.")
     n_threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores.")
     n_gpu_layers: int | None = Field(None, ge=-1, description="Layers on the GPU; default -1 on a GPU, 0 on the CPU.")

@@ -21,7 +21,7 @@ from producer.results import AsyncResultWaiter, ResultWaiter
 from producer.streams import aread_stream, read_stream
 from wire import connect
 from wire.encode import origin, task_message
-from wire.errors import InferenceError, InvalidRequest, TimeLimitReached, TransientError, WorkerError
+from wire.errors import InferenceError, InvalidRequest, Overloaded, TimeLimitReached, TransientError, WorkerError
 from wire.keys import CANCEL_PREFIX, STREAM_PREFIX
 from wire.limits import TIME_LIMITS
 
@@ -29,6 +29,7 @@ _KNOWN_ERRORS: dict[str, type[Exception]] = {
     "InvalidRequest": InvalidRequest,
     "InferenceError": InferenceError,
     "TransientError": TransientError,
+    "Overloaded": Overloaded,
     "TimeLimitReached": TimeLimitReached,
 }
 DEFAULT_TIMEOUTS = dict(TIME_LIMITS)  # a producer waits as long as its task may run

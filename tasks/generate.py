@@ -4,10 +4,15 @@ A generation delivered again, because the worker that ran it died (§4 and §6, 
 not run twice for one producer: if its result is already stored it is dropped; if its
 stream already ended, the result is rebuilt from the stream; otherwise it starts over,
 its stream going on after a ``reset`` message.
+
+A model with ``parallel`` > 1 whose slots and admission queue are full refuses the
+request (``Overloaded``): the task goes back to its queue and is tried again shortly, on
+whichever worker takes it, and fails with ``Overloaded`` only after OVERLOAD_RETRIES tries.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +25,12 @@ from models.registry import registry
 from tasks.base import InferenceTask, drop_if_answered, serve
 from tasks.ports import Services
 from tasks.schemas import GenerateRequest
-from wire.errors import InferenceError, InvalidRequest, WorkerError
+from wire.errors import InferenceError, InvalidRequest, Overloaded, TransientError, WorkerError
 
 log = structlog.get_logger("tasks")
+
+OVERLOAD_RETRIES = 60  # a request refused by a full model is sent again this many times,
+OVERLOAD_RETRY_S = (0.5, 2.0)  # each after a pause in this range: about a minute and a quarter in all
 
 
 @shared_task(name="generate", base=InferenceTask, bind=True)
@@ -65,7 +73,12 @@ def generate(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     try:
         return serve(self, "generate", GenerateRequest, args, kwargs, run)
     except WorkerError as exc:
-        if publisher:
+        # every slot and waiting place taken: back to the queue, for this worker or another
+        # with room; the stream goes on when it runs
+        if isinstance(exc, Overloaded) and self.request.retries < OVERLOAD_RETRIES:
+            raise self.retry(exc=exc, countdown=random.uniform(*OVERLOAD_RETRY_S), max_retries=OVERLOAD_RETRIES) from None
+        retried = isinstance(exc, TransientError) and self.request.retries < self.max_retries
+        if publisher and not retried:
             publisher.error(type(exc).__name__, str(exc))
         raise
 

@@ -105,3 +105,38 @@ def build_tiny_causal_lm(minilm_path: str, out: Path, chat_template: bool) -> st
                 param.normal_(0.0, 0.3)
     name = "tiny-lm-chat" if chat_template else "tiny-lm"
     return _save(model, tokenizer, out / name)
+
+
+def build_tiny_gemma3(minilm_path: str, out: Path) -> str:
+    """A small Gemma 3 (sliding-window and full attention layers, a window of 6 tokens) on
+    MiniLM's tokenizer, seeded: generations run past the window within a few tokens."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    tokenizer.bos_token = tokenizer.cls_token
+    tokenizer.eos_token = tokenizer.sep_token
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(1234)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():  # a wide spread (greedy decoding wanders), and no end-of-text token
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.3)
+        model.lm_head.weight[tokenizer.sep_token_id] = 0.0
+    return _save(model, tokenizer, out / "tiny-gemma3")

@@ -26,6 +26,11 @@ class TransientError(WorkerError):
     """A failure that may pass (a lost connection); tasks retry these."""
 
 
+class Overloaded(TransientError):
+    """The model's slots and its admission queue are full: the task is retried later,
+    on whichever worker has room."""
+
+
 class Cancelled(WorkerError):
     """Raised inside a runtime to unwind a cancelled request."""
 

@@ -246,8 +246,8 @@ class QueueDepth(Collector):
 
 
 class GenerationLoad(Collector):
-    """Each generation model's load at scrape time: running (on its compute thread) and
-    waiting for its turn."""
+    """Each generation model's load at scrape time: generations decoding (up to its
+    ``parallel``) and waiting for their turn."""
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         from models.base import GENERATE
@@ -260,10 +260,10 @@ class GenerationLoad(Collector):
             "inference_generations_waiting", "Generations started, waiting for their model's turn.", labels=["model"]
         )
         for alias, runtime in registry.items():
-            compute = getattr(runtime, "compute", None)
-            if GENERATE in runtime.capabilities and compute is not None:
-                running.add_metric([alias], 1 if compute.busy else 0)
-                waiting.add_metric([alias], compute.waiting)
+            if GENERATE in runtime.capabilities:
+                now_running, now_waiting = runtime.generation_load()  # type: ignore[attr-defined]
+                running.add_metric([alias], now_running)
+                waiting.add_metric([alias], now_waiting)
         return [running, waiting]
 
 
