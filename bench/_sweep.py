@@ -50,10 +50,19 @@ class Stream:
         return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
 
 
-def stream_once(client: Any, alias: str, queue: str, prompt: str, max_tokens: int, timeout: float,
-                on_token: Callable[[Stream], None] | None = None) -> Stream:
+def stream_once(
+    client: Any,
+    alias: str,
+    queue: str,
+    prompt: str,
+    max_tokens: int,
+    timeout: float,
+    on_token: Callable[[Stream], None] | None = None,
+) -> Stream:
     s = Stream()
-    for msg in client.stream_generate(alias, queue=queue, timeout=timeout, prompt=prompt, max_tokens=max_tokens, temperature=0.0):
+    for msg in client.stream_generate(
+        alias, queue=queue, timeout=timeout, prompt=prompt, max_tokens=max_tokens, temperature=0.0
+    ):
         if msg["type"] == "token":
             s.stamps.append(time.perf_counter())
             s.text += msg["text"]
@@ -104,30 +113,32 @@ def worker_level(client: Any, alias: str, queue: str, level: int, args: Any) -> 
 
 def ttft_under_load(client: Any, alias: str, queue: str, level: int, args: Any) -> float:
     """TTFT of a request sent once ``level - 1`` others are decoding (median of reps)."""
-    values = []
-    for rep in range(args.sweep_reps):
-        if level == 1:
-            values.append(stream_once(client, alias, queue, f"Request {rep}: a note on rivers", 8, args.task_timeout).ttft)
-            continue
-        decoding = threading.Barrier(level)  # the level - 1 background streams, and this thread
+    return h.median([_probe(client, alias, queue, level, args, rep) for rep in range(args.sweep_reps)])
 
-        def background(i: int) -> Stream:
-            seen = {"n": 0}
 
-            def tick(s: Stream) -> None:
-                seen["n"] += 1
-                if seen["n"] == 3:
-                    decoding.wait(timeout=args.task_timeout)
+def _probe(client: Any, alias: str, queue: str, level: int, args: Any, rep: int) -> float:
+    prompt = f"Request {rep}: a note on rivers"
+    if level == 1:
+        return stream_once(client, alias, queue, prompt, 8, args.task_timeout).ttft
+    decoding = threading.Barrier(level)  # the level - 1 background streams, and this thread
 
-            return stream_once(client, alias, queue, sweep_prompts(level)[i], args.sweep_tokens * 3, args.task_timeout, tick)
+    def background(i: int) -> Stream:
+        seen = {"n": 0}
 
-        box: dict[str, Any] = {}
-        runner = threading.Thread(target=lambda: box.update(r=concurrent(background, level - 1)))
-        runner.start()
-        decoding.wait(timeout=args.task_timeout)
-        values.append(stream_once(client, alias, queue, f"Request {rep}: a note on rivers", 8, args.task_timeout).ttft)
-        runner.join()
-    return h.median(values)
+        def tick(s: Stream) -> None:
+            seen["n"] += 1
+            if seen["n"] == 3:
+                decoding.wait(timeout=args.task_timeout)
+
+        prompts = sweep_prompts(level)
+        return stream_once(client, alias, queue, prompts[i], args.sweep_tokens * 3, args.task_timeout, tick)
+
+    runner = threading.Thread(target=concurrent, args=(background, level - 1))
+    runner.start()
+    decoding.wait(timeout=args.task_timeout)
+    ttft = stream_once(client, alias, queue, prompt, 8, args.task_timeout).ttft
+    runner.join()
+    return ttft
 
 
 def run_worker_sweep(client: Any, alias: str, queue: str, args: Any) -> dict[int, dict[str, float]]:

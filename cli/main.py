@@ -84,20 +84,10 @@ def embed(
             return vectors
         return [{"index": c.start + i, "embedding": v} for i, v in enumerate(vectors)]
 
-    resumed = 0
-    with _progress() as progress:
-        bar = progress.add_task(f"embed {input.name}", total=len(texts))
-
-        def on_done(c: batch.Chunk, was_done: bool) -> None:
-            nonlocal resumed
-            resumed += was_done
-            progress.advance(bar, len(c.items))
-
-        try:
-            failed = batch.run(all_chunks, parts, work, concurrency=concurrency, on_done=on_done)
-        finally:
-            client.close()
-    _finish(parts, all_chunks, failed, output, resumed)
+    try:
+        _run_with_progress(f"embed {input.name}", len(texts), all_chunks, parts, work, concurrency, output)
+    finally:
+        client.close()
 
 
 @app.command()
@@ -133,19 +123,33 @@ def rerank(
             out.append({"index": c.start + i, "results": result["results"]})
         return out
 
+    try:
+        _run_with_progress(f"rerank {input.name}", len(lines), all_chunks, parts, work, concurrency, output)
+    finally:
+        client.close()
+
+
+def _run_with_progress(
+    label: str,
+    total: int,
+    all_chunks: list[batch.Chunk],
+    parts: batch.Parts,
+    work: Any,
+    concurrency: int,
+    output: Path,
+) -> None:
+    """Run the chunks not done yet with a progress bar (resumed ones count at once), then
+    gather the parts into ``output``."""
     resumed = 0
     with _progress() as progress:
-        bar = progress.add_task(f"rerank {input.name}", total=len(lines))
+        bar = progress.add_task(label, total=total)
 
         def on_done(c: batch.Chunk, was_done: bool) -> None:
             nonlocal resumed
             resumed += was_done
             progress.advance(bar, len(c.items))
 
-        try:
-            failed = batch.run(all_chunks, parts, work, concurrency=concurrency, on_done=on_done)
-        finally:
-            client.close()
+        failed = batch.run(all_chunks, parts, work, concurrency=concurrency, on_done=on_done)
     _finish(parts, all_chunks, failed, output, resumed)
 
 

@@ -175,7 +175,9 @@ class Scheduler:
                 if seq.cancel_requested:
                     self._finish(seq, "cancelled")
                 elif now > seq.deadline:
-                    self._fail(seq, TimeLimitReached(f"generate: time limit reached after {seq.completion_tokens} tokens"))
+                    self._fail(
+                        seq, TimeLimitReached(f"generate: time limit reached after {seq.completion_tokens} tokens")
+                    )
             batch = [seq for seq in batch if seq.state is SeqState.RUNNING]
             if not batch:
                 continue
@@ -265,4 +267,10 @@ class Scheduler:
 
     def stats(self) -> dict[str, Any]:
         running, waiting = self.load()
-        return {"parallel": self.parallel, "running": running, "waiting": waiting, "steps": self.steps, "refused": self.refused}
+        return {
+            "parallel": self.parallel,
+            "running": running,
+            "waiting": waiting,
+            "steps": self.steps,
+            "refused": self.refused,
+        }

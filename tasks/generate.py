@@ -76,7 +76,9 @@ def generate(self: InferenceTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # every slot and waiting place taken: back to the queue, for this worker or another
         # with room; the stream goes on when it runs
         if isinstance(exc, Overloaded) and self.request.retries < OVERLOAD_RETRIES:
-            raise self.retry(exc=exc, countdown=random.uniform(*OVERLOAD_RETRY_S), max_retries=OVERLOAD_RETRIES) from None
+            raise self.retry(
+                exc=exc, countdown=random.uniform(*OVERLOAD_RETRY_S), max_retries=OVERLOAD_RETRIES
+            ) from None
         retried = isinstance(exc, TransientError) and self.request.retries < self.max_retries
         if publisher and not retried:
             publisher.error(type(exc).__name__, str(exc))

@@ -181,3 +181,36 @@ def gen_worker(start_worker: Any, gguf_path: str, tiny_lms: dict[str, str]) -> W
     for alias, spec in models.items():
         spec["queue"] = queue_name(f"gen-{alias}")
     return start_worker("generate", models, concurrency=4)
+
+
+class FreshLlama:
+    """The oracle: llama-cpp called directly, each call on an empty context (no prompt
+    prefix reused from the call before, as the worker does)."""
+
+    def __init__(self, gguf_path: str) -> None:
+        from models.gguf import open_llama  # Llama(), with the worker's choice of kernels
+
+        self.llm = open_llama(gguf_path, n_ctx=GGUF_CTX, n_threads=2, verbose=False)
+
+    def create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        self.llm.reset()
+        return self.llm.create_completion(*args, **kwargs)
+
+    def create_chat_completion(self, *args: Any, **kwargs: Any) -> Any:
+        self.llm.reset()
+        return self.llm.create_chat_completion(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def llama(gguf_path: str) -> FreshLlama:
+    return FreshLlama(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def client(redis_url: str) -> Iterator[Any]:
+    """The producer client (producer/), one for the session."""
+    from producer import InferenceClient
+
+    c = InferenceClient(redis_url)
+    yield c
+    c.close()

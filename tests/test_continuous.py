@@ -74,7 +74,9 @@ def make(parallel: int = 2, max_waiting: int = 2, slow_s: float = 0.0) -> tuple[
     return Scheduler("fake", model, ComputeThread("fake"), parallel, max_waiting), model
 
 
-def seq(first: int, max_tokens: int = 5, stop: list[str] | None = None, deadline_s: float = 60.0, extra: int = 1) -> Sequence:
+def seq(
+    first: int, max_tokens: int = 5, stop: list[str] | None = None, deadline_s: float = 60.0, extra: int = 1
+) -> Sequence:
     params = GenerationParams(prompt="x", max_tokens=max_tokens, temperature=0.0, stop=stop)
     return Sequence(params, [first, extra], Letters(), time.monotonic() + deadline_s)
 
@@ -223,7 +225,9 @@ def test_cache_rows_joining_and_leaving_give_each_generation_alone(
 
     out = tmp_path_factory.mktemp(builder)
     build = getattr(model_builders, builder)
-    path = build(minilm_path, out, chat_template=False) if builder == "build_tiny_causal_lm" else build(minilm_path, out)
+    path = (
+        build(minilm_path, out, chat_template=False) if builder == "build_tiny_causal_lm" else build(minilm_path, out)
+    )
     batched = CausalLMRuntime("batched", path, "cpu", CausalLMOptions(parallel=3, max_waiting=8))
     alone = CausalLMRuntime("alone", path, "cpu", CausalLMOptions())
     batched.load()
@@ -245,7 +249,9 @@ def test_cache_rows_joining_and_leaving_give_each_generation_alone(
     for t in threads:
         t.join(WAIT_S * 3)
     try:
-        assert batched.scheduler is not None and batched.scheduler.stats()["steps"] < sum(r.max_tokens for r in requests)
+        assert batched.scheduler is not None and batched.scheduler.stats()["steps"] < sum(
+            r.max_tokens for r in requests
+        )
         for i, params in enumerate(requests):
             expected = alone.generate(params, GenerationControl())
             assert (results[i].text, results[i].completion_tokens) == (expected.text, expected.completion_tokens), i

@@ -199,7 +199,7 @@ def test_a_redis_restart_during_a_generation_is_ridden_out(
     """Redis goes away for 3 s, and comes back empty, while a generation runs: the worker
     stays up, the generation finishes, its result reaches its producer (plain Celery), and
     the worker serves on."""
-    from tests.test_generate import FreshLlama
+    from tests.conftest import FreshLlama
 
     worker = _worker("outage", box.url, _models(minilm_path, gguf_path), workdir).start()
     app = plain_producer(box.url)

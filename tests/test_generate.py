@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.conftest import GGUF_CTX, call, queue_name
+from tests.conftest import call, queue_name
 
 PROMPT = "The history of the city of Rome begins"
 MESSAGES = [
@@ -22,38 +22,6 @@ MESSAGES = [
 
 def q(alias: str) -> str:
     return queue_name(f"gen-{alias}")
-
-
-class FreshLlama:
-    """The oracle: llama-cpp called directly, each call on an empty context (no prompt
-    prefix reused from the call before, as the worker does)."""
-
-    def __init__(self, gguf_path: str) -> None:
-        from models.gguf import open_llama  # Llama(), with the worker's choice of kernels
-
-        self.llm = open_llama(gguf_path, n_ctx=GGUF_CTX, n_threads=2, verbose=False)
-
-    def create_completion(self, *args: Any, **kwargs: Any) -> Any:
-        self.llm.reset()
-        return self.llm.create_completion(*args, **kwargs)
-
-    def create_chat_completion(self, *args: Any, **kwargs: Any) -> Any:
-        self.llm.reset()
-        return self.llm.create_chat_completion(*args, **kwargs)
-
-
-@pytest.fixture(scope="session")
-def llama(gguf_path: str) -> FreshLlama:
-    return FreshLlama(gguf_path)
-
-
-@pytest.fixture(scope="session")
-def client(redis_url: str) -> Any:
-    from producer import InferenceClient
-
-    c = InferenceClient(redis_url)
-    yield c
-    c.close()
 
 
 def hf_greedy(path: str, text: str, max_new_tokens: int, add_special_tokens: bool = True) -> tuple[str, int]:

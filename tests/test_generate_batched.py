@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.conftest import GGUF_CTX, WorkerProcess, call, queue_name
-from tests.test_generate import FreshLlama, check_stream, hf_greedy
+from tests.conftest import GGUF_CTX, FreshLlama, WorkerProcess, call, queue_name
+from tests.test_generate import check_stream, hf_greedy
 
 TIME_LIMIT = 8.0  # the worker's generate time limit
 PARALLEL = 4
@@ -51,20 +51,6 @@ def batched_worker(start_worker: Any, gguf_path: str, tiny_lms: dict[str, str]) 
         spec["queue"] = q(alias)
         spec.setdefault("parallel", PARALLEL)
     return start_worker("batched", models, concurrency=12, time_limits={"generate": TIME_LIMIT})
-
-
-@pytest.fixture(scope="session")
-def llama(gguf_path: str) -> FreshLlama:
-    return FreshLlama(gguf_path)
-
-
-@pytest.fixture(scope="session")
-def client(redis_url: str) -> Any:
-    from producer import InferenceClient
-
-    c = InferenceClient(redis_url)
-    yield c
-    c.close()
 
 
 def model_load(producer: Celery, worker: WorkerProcess, alias: str) -> tuple[int, int]:
@@ -163,7 +149,9 @@ def test_a_timed_out_request_frees_its_slot(batched_worker: Any, client: Any, pr
     """Every slot taken by a generation that runs past the time limit: each fails with
     TimeLimitReached (its stream with an error), and the slots serve the next request."""
     sent = [
-        client.send("generate", model="gemma", queue=q("gemma"), prompt=COUNTING, max_tokens=GGUF_CTX - 64, temperature=0)
+        client.send(
+            "generate", model="gemma", queue=q("gemma"), prompt=COUNTING, max_tokens=GGUF_CTX - 64, temperature=0
+        )
         for _ in range(PARALLEL)
     ]
     for task_id in sent:
@@ -188,7 +176,9 @@ def test_a_full_admission_queue_refuses_and_the_task_is_retried(
     wait_for_load(producer, batched_worker, "tiny-q", (2, 0))
     waiter = client.send("generate", model="tiny-q", queue=q("tiny-q"), prompt=PROMPTS[0], max_tokens=10, temperature=0)
     wait_for_load(producer, batched_worker, "tiny-q", (2, 1))
-    refused = client.send("generate", model="tiny-q", queue=q("tiny-q"), prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    refused = client.send(
+        "generate", model="tiny-q", queue=q("tiny-q"), prompt=PROMPTS[1], max_tokens=10, temperature=0
+    )
     deadline = time.monotonic() + 30
     while not any(
         e.get("event") == "task.done" and e.get("task_id") == refused and e.get("outcome") == "retry"

@@ -46,7 +46,7 @@ class Oracle:
         from sentence_transformers import CrossEncoder
         from transformers import pipeline
 
-        from tests.test_generate import FreshLlama
+        from tests.conftest import FreshLlama
 
         self.texts = [_sentence(i) for i in range(200)]
         self.embeddings = minilm.encode(self.texts, normalize_embeddings=True)
