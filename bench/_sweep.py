@@ -154,7 +154,7 @@ def run_worker_sweep(client: Any, alias: str, queue: str, args: Any) -> dict[int
 # -- the library directly, with the same concurrency -------------------------------------------
 
 
-def llama_direct_rate(gguf: str, level: int, args: Any) -> float:
+def llama_direct_rate(gguf: str, level: int, args: Any, gpu_layers: int = 0) -> float:
     """llama.cpp's batch API: ``level`` sequences in one context, each prompt evaluated,
     then one ``llama_decode`` of one token per sequence per step, greedy."""
     import llama_cpp
@@ -162,7 +162,7 @@ def llama_direct_rate(gguf: str, level: int, args: Any) -> float:
 
     from models.gguf import open_llama
 
-    llm = open_llama(gguf, n_ctx=256, n_threads=args.n_threads, n_gpu_layers=0, verbose=False)
+    llm = open_llama(gguf, n_ctx=256, n_threads=args.n_threads, n_gpu_layers=gpu_layers, verbose=False)
     params = type(llm.context_params).from_buffer_copy(llm.context_params)
     params.n_ctx, params.n_seq_max, params.kv_unified = args.sweep_slot_ctx * level, level, False
     ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
@@ -209,14 +209,16 @@ def hf_direct_rate(folder: str, level: int, dtype: str, args: Any) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval().to(args.device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    enc = tok(sweep_prompts(level), return_tensors="pt", padding=True)
+    enc = tok(sweep_prompts(level), return_tensors="pt", padding=True).to(args.device)
+    enc = {k: enc[k] for k in ("input_ids", "attention_mask")}  # a BERT-style tokenizer adds token types
     rates = []
     with torch.inference_mode():
         for _ in range(args.sweep_reps):
             started = time.perf_counter()
             out = model.generate(**enc, do_sample=False, max_new_tokens=args.sweep_tokens, pad_token_id=pad)
+            h.synchronize(args)
             new = out[:, enc["input_ids"].shape[1] :]
             rates.append(int((new != pad).sum()) / (time.perf_counter() - started))
     h.free(model)

@@ -372,7 +372,9 @@ def main() -> None:
     p.add_argument("--sweep-tokens", type=int, default=64, help="sweep: max_tokens per stream")
     p.add_argument("--sweep-reps", type=int, default=2, help="sweep: repetitions per level (the median is reported)")
     p.add_argument("--sweep-slot-ctx", type=int, default=512, help="sweep: llama.cpp context per slot")
-    p.add_argument("--hf-dtypes", default="float32,bfloat16", help="sweep: transformers dtypes, comma-separated")
+    p.add_argument(
+        "--hf-dtypes", default="float32,bfloat16", help="sweep: transformers dtypes, comma-separated (float16 on a GPU)"
+    )
     args = p.parse_args()
     args.levels = sorted({int(x) for x in args.sweep.split(",") if x.strip()})
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
@@ -452,11 +454,14 @@ def main() -> None:
     if parts:
         h.report("bench_generate", "Generate: worker streaming vs the library directly", body, args)
     if args.levels:
-        h.report("bench_generate-sweep", "Generate: many streams at once (continuous batching)", sweep, args)
+        name = "bench_generate-sweep" + ("" if args.device == "cpu" else f"-{args.device.split(':')[0]}")
+        where = "" if args.device == "cpu" else f" ({args.device})"
+        h.report(name, f"Generate: many streams at once (continuous batching){where}", sweep, args)
 
 
 def run_sweep(runtimes: list[str], gguf: str, hf_folder: str | None, args: Any, wd: Path) -> str:
     parallel = max(args.levels)
+    gpu_layers = -1 if args.device.startswith("cuda") else 0  # every layer on the GPU, or none
     parts = []
     backends: list[tuple[str, str, dict[str, Any], Callable[[int], float]]] = []
     if "llama_cpp" in runtimes:
@@ -465,14 +470,14 @@ def run_sweep(runtimes: list[str], gguf: str, hf_folder: str | None, args: Any, 
             "source": gguf,
             "n_ctx": args.sweep_slot_ctx * parallel,
             "n_threads": args.n_threads,
-            "n_gpu_layers": 0,
+            "n_gpu_layers": gpu_layers,
         }
         backends.append(
             (
                 "llama.cpp",
                 f"Gemma-3 270M Q4_K_M GGUF, n_threads {args.n_threads}, {args.sweep_slot_ctx} tokens per slot",
                 spec,
-                lambda level: _sweep.llama_direct_rate(gguf, level, args),
+                lambda level: _sweep.llama_direct_rate(gguf, level, args, gpu_layers),
             )
         )
     if "transformers" in runtimes:
@@ -498,6 +503,7 @@ def run_sweep(runtimes: list[str], gguf: str, hf_folder: str | None, args: Any, 
                 workdir=wd,
                 boot_timeout=args.boot_timeout,
                 concurrency=2 * parallel + 2,
+                device=args.device,
             ):
                 served = _sweep.run_worker_sweep(client, "lm", spec["queue"], args)
         finally:
