@@ -151,15 +151,15 @@ class CausalLMRuntime:
     def generate(self, params: GenerationParams, control: GenerationControl) -> GenerationResult:
         text, add_special = self.render(params)
         encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
-        # a causal LM takes ids and mask only (a BERT-style tokenizer also gives token types)
-        inputs = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask") if k in encoded}
-        prompt_tokens = int(inputs["input_ids"].shape[1])
+        prompt_tokens = int(encoded["input_ids"].shape[1])
         check_context(prompt_tokens, params.max_tokens, self.context)
         if self.scheduler is not None:
             ids = encoded["input_ids"][0].tolist()
             seq = Sequence(params, ids, self._rows.decoder(), control.deadline)
             self.scheduler.submit(seq)
             return self.scheduler.follow(seq, control)
+        # a causal LM takes ids and mask only (a BERT-style tokenizer also gives token types)
+        inputs = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask") if k in encoded}
 
         halt = _Halt(control, self._compute.progress)
         scanner = StopScanner(params.stop)

@@ -4,6 +4,7 @@ with task heads initialised from a fixed seed. Real weights, real tokenizer, rea
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "MISC"]  # MISC: a plain label, no B-/I-
 SENTIMENT_LABELS = ["negative", "neutral", "positive"]
@@ -76,11 +77,9 @@ TINY_CHAT_TEMPLATE = (
 def build_tiny_causal_lm(minilm_path: str, out: Path, chat_template: bool) -> str:
     """A small Llama-architecture LM on MiniLM's tokenizer, seeded: real code paths, fast."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    tokenizer.bos_token = tokenizer.cls_token
-    tokenizer.eos_token = tokenizer.sep_token
+    tokenizer = _lm_tokenizer(minilm_path)
     if chat_template:
         tokenizer.chat_template = TINY_CHAT_TEMPLATE
     config = LlamaConfig(
@@ -98,11 +97,7 @@ def build_tiny_causal_lm(minilm_path: str, out: Path, chat_template: bool) -> st
     )
     torch.manual_seed(4321)
     model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        # a wider spread than the default init, so greedy decoding wanders instead of repeating one token
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.3)
+    _spread(model)
     name = "tiny-lm-chat" if chat_template else "tiny-lm"
     return _save(model, tokenizer, out / name)
 
@@ -111,11 +106,9 @@ def build_tiny_gemma3(minilm_path: str, out: Path) -> str:
     """A small Gemma 3 (sliding-window and full attention layers, a window of 6 tokens) on
     MiniLM's tokenizer, seeded: generations run past the window within a few tokens."""
     import torch
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    tokenizer.bos_token = tokenizer.cls_token
-    tokenizer.eos_token = tokenizer.sep_token
+    tokenizer = _lm_tokenizer(minilm_path)
     config = Gemma3TextConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -134,9 +127,28 @@ def build_tiny_gemma3(minilm_path: str, out: Path) -> str:
     )
     torch.manual_seed(1234)
     model = Gemma3ForCausalLM(config)
-    with torch.no_grad():  # a wide spread (greedy decoding wanders), and no end-of-text token
+    _spread(model)
+    with torch.no_grad():  # and no end-of-text token: its generations run past the window
+        model.lm_head.weight[tokenizer.sep_token_id] = 0.0
+    return _save(model, tokenizer, out / "tiny-gemma3")
+
+
+def _lm_tokenizer(minilm_path: str) -> Any:
+    """MiniLM's tokenizer for a causal LM: [CLS] as its start, [SEP] as its end."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    tokenizer.bos_token = tokenizer.cls_token
+    tokenizer.eos_token = tokenizer.sep_token
+    return tokenizer
+
+
+def _spread(model: Any) -> None:
+    """A wider spread than the default init, so greedy decoding wanders instead of
+    repeating one token."""
+    import torch
+
+    with torch.no_grad():
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.3)
-        model.lm_head.weight[tokenizer.sep_token_id] = 0.0
-    return _save(model, tokenizer, out / "tiny-gemma3")

@@ -46,21 +46,19 @@ def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
 
 def client(url: str, master_name: str | None = None, **kwargs: Any) -> redis.Redis:
     """A client for ``url`` (``kwargs``: redis-py's, such as ``socket_timeout``)."""
-    if not is_sentinel(url):
-        return redis.Redis.from_url(url, **kwargs)
-    if not master_name:
-        raise ValueError("a sentinel:// URL needs the master's name")
-    hosts, options = sentinel_parts(url)
-    sentinels = Sentinel(hosts, socket_timeout=kwargs.get("socket_timeout", 5), socket_connect_timeout=2)
-    return sentinels.master_for(master_name, **options, **kwargs)
+    return _connect(redis.Redis, Sentinel, url, master_name, kwargs)
 
 
 def async_client(url: str, master_name: str | None = None, **kwargs: Any) -> aioredis.Redis:
     """The asyncio twin of :func:`client`."""
+    return _connect(aioredis.Redis, AsyncSentinel, url, master_name, kwargs)
+
+
+def _connect(redis_cls: Any, sentinel_cls: Any, url: str, master_name: str | None, kwargs: dict[str, Any]) -> Any:
     if not is_sentinel(url):
-        return aioredis.Redis.from_url(url, **kwargs)
+        return redis_cls.from_url(url, **kwargs)
     if not master_name:
         raise ValueError("a sentinel:// URL needs the master's name")
     hosts, options = sentinel_parts(url)
-    sentinels = AsyncSentinel(hosts, socket_timeout=kwargs.get("socket_timeout", 5), socket_connect_timeout=2)
+    sentinels = sentinel_cls(hosts, socket_timeout=kwargs.get("socket_timeout", 5), socket_connect_timeout=2)
     return sentinels.master_for(master_name, **options, **kwargs)
