@@ -536,6 +536,7 @@ python bench/bench_rerank_ner.py --write
 python bench/bench_dispatch.py --write
 python bench/bench_generate.py --write          # add --tiny without the `gguf` package
 python bench/bench_generate.py --only-sweep --sweep 1,2,4,8 --write   # continuous batching
+python bench/bench_exactness.py --parallel 1,2,3,4,7,8 --weight-repacking on,off --write   # GGUF greedy text vs alone
 ```
 
 The scripts are run by hand, never by the test suite. Each starts its own worker

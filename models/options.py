@@ -57,7 +57,7 @@ class GenerationOptions(_Options):
         le=256,
         description="Generations decoded together, each in its own slot (llama.cpp: the context is split between "
         "the slots). 1 decodes one at a time, with text exactly as the library gives it alone; above 1, a batch's "
-        "arithmetic can change a greedy text now and then (docs/generation.md).",
+        "arithmetic can change a greedy text (docs/generation.md says how often).",
     )
     max_waiting: int = Field(
         16,

@@ -1,7 +1,13 @@
 """``generate`` with ``parallel`` > 1 (continuous batching) on a real worker: concurrent
 greedy requests give each request's text alone (llama-cpp and ``model.generate`` as
 oracles), cancelling one stream leaves the others' text alone, a timed-out request frees
-its slot, and a full admission queue refuses cleanly."""
+its slot, and a full admission queue refuses cleanly.
+
+The GGUF model has 3 slots, the transformers models 4. llama.cpp's CPU kernels compute a
+step of 4 rows or more differently from a row alone (with weight repacking, 4 rows go
+through the repacked GEMM's 4-row tiles; bench/bench_exactness.py measures it), so a
+greedy text can change there; up to 3 rows each row is bitwise what it is alone, and the
+texts must match exactly."""
 
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from tests.conftest import GGUF_CTX, FreshLlama, WorkerProcess, call, queue_name
 from tests.test_generate import check_stream, hf_greedy
 
 TIME_LIMIT = 8.0  # the worker's generate time limit
-PARALLEL = 4
+PARALLEL = 4  # slots of the transformers models
+GGUF_PARALLEL = 3  # slots of the GGUF model: every step within llama.cpp's exact range
 COUNTING = "Count from 1 to 2000, separated by commas: 1, 2, 3, 4, 5, 6, 7, 8,"  # runs on, greedy
 PROMPTS = [
     "The history of the city of Rome begins",
@@ -42,8 +49,14 @@ def q(alias: str) -> str:
 @pytest.fixture(scope="session")
 def batched_worker(start_worker: Any, gguf_path: str, tiny_lms: dict[str, str]) -> WorkerProcess:
     models = {
-        # four slots of GGUF_CTX tokens each, as the oracle's context
-        "gemma": {"task": "generate", "source": gguf_path, "n_ctx": GGUF_CTX * PARALLEL, "n_threads": 2},
+        # slots of GGUF_CTX tokens each, as the oracle's context
+        "gemma": {
+            "task": "generate",
+            "source": gguf_path,
+            "n_ctx": GGUF_CTX * GGUF_PARALLEL,
+            "n_threads": 2,
+            "parallel": GGUF_PARALLEL,
+        },
         "tiny": {"task": "generate", "source": tiny_lms["tiny"]},
         "tiny-q": {"task": "generate", "source": tiny_lms["tiny"], "parallel": 2, "max_waiting": 1},
     }
@@ -152,7 +165,7 @@ def test_a_timed_out_request_frees_its_slot(batched_worker: Any, client: Any, pr
         client.send(
             "generate", model="gemma", queue=q("gemma"), prompt=COUNTING, max_tokens=GGUF_CTX - 64, temperature=0
         )
-        for _ in range(PARALLEL)
+        for _ in range(GGUF_PARALLEL)
     ]
     for task_id in sent:
         with pytest.raises(Exception) as info:
@@ -170,7 +183,7 @@ def test_a_full_admission_queue_refuses_and_the_task_is_retried(
     batched_worker: Any, client: Any, producer: Celery, tiny_lms: dict[str, str]
 ) -> None:
     """tiny-q: 2 slots and 1 place to wait. A fourth request is refused (Overloaded), goes
-    back to its queue (Celery's retry) and is served once there is room; the others run on."""
+    back to its queue (Celery's retry) and is served once there is room."""
     long = {"prompt": COUNTING, "max_tokens": 1200, "temperature": 0}
     holders = [client.send("generate", model="tiny-q", queue=q("tiny-q"), **long) for _ in range(2)]
     wait_for_load(producer, batched_worker, "tiny-q", (2, 0))
@@ -187,8 +200,13 @@ def test_a_full_admission_queue_refuses_and_the_task_is_retried(
         assert time.monotonic() < deadline, "the fourth request was never refused"
         time.sleep(0.05)
     expected = {t: hf_greedy(tiny_lms["tiny"], p, 10)[0] for t, p in ((waiter, PROMPTS[0]), (refused, PROMPTS[1]))}
+    # the holders have done their part; cancelling them (not waiting out 1200 tokens)
+    # keeps the test inside the time limit on a slow host
     for task_id in holders:
-        assert producer.AsyncResult(task_id).get(timeout=60)["finish_reason"] == "length"
+        client.cancel(task_id)
+    for task_id in holders:
+        held = producer.AsyncResult(task_id).get(timeout=60)
+        assert held["finish_reason"] == "cancelled" and 0 < held["usage"]["completion_tokens"] < 1200
     for task_id, text in expected.items():
         assert producer.AsyncResult(task_id).get(timeout=60)["text"] == text
     assert batched_worker.alive()
