@@ -61,7 +61,13 @@ def test_an_interrupted_embed_resumes_where_it_stopped(
     parts = tmp_path / "out.npy.parts"
     args = ["embed", str(source), "-o", str(out), "--queue", queue_name("minilm"), "--chunk", "4", "--concurrency", "1"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", *args, "--redis-url", redis_url], cwd=ROOT, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "cli", *args, "--redis-url", redis_url],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C as a terminal delivers it: a suite started in the background (`cmd &` in a
+        # script) passes SIGINT on ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while len(list(parts.glob("*.npy"))) < 10 and time.monotonic() < deadline:
