@@ -82,19 +82,7 @@ def build_tiny_causal_lm(minilm_path: str, out: Path, chat_template: bool) -> st
     tokenizer = _lm_tokenizer(minilm_path)
     if chat_template:
         tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig(**_tiny_lm_shape(tokenizer), num_hidden_layers=2, tie_word_embeddings=True)
     torch.manual_seed(4321)
     model = LlamaForCausalLM(config)
     _spread(model)
@@ -110,19 +98,11 @@ def build_tiny_gemma3(minilm_path: str, out: Path) -> str:
 
     tokenizer = _lm_tokenizer(minilm_path)
     config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        **_tiny_lm_shape(tokenizer),
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         sliding_window=6,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     torch.manual_seed(1234)
@@ -141,6 +121,21 @@ def _lm_tokenizer(minilm_path: str) -> Any:
     tokenizer.bos_token = tokenizer.cls_token
     tokenizer.eos_token = tokenizer.sep_token
     return tokenizer
+
+
+def _tiny_lm_shape(tokenizer: Any) -> dict[str, Any]:
+    """What the tiny causal LMs share: their width, heads, context and special tokens."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "bos_token_id": tokenizer.cls_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def _spread(model: Any) -> None:

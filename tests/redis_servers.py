@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_for_ping(
+    client: Callable[[], redis.Redis], proc: subprocess.Popen[bytes], log: Path, timeout: float, what: str
+) -> None:
+    """Until the server started as ``proc`` answers PING; its log's tail if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            client().ping()
+            return
+        except redis.RedisError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited: {log.read_text()[-2000:]}") from None
+            time.sleep(0.05)
+    raise TimeoutError(f"{what} did not answer within {timeout}s")
 
 
 class RedisServer:
@@ -69,16 +86,8 @@ class RedisServer:
         args += list(self.args)
         with (self.dir / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.client().ping()
-                return self
-            except redis.RedisError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}") from None
-                time.sleep(0.05)
-        raise TimeoutError(f"redis-server on {self.port} did not answer within {timeout}s")
+        _wait_for_ping(self.client, self.proc, self.dir / "redis.log", timeout, f"redis-server on {self.port}")
+        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """A clean shutdown (SIGTERM): with ``persist``, everything written is kept."""
@@ -184,14 +193,8 @@ class Sentinel:
             self.proc = subprocess.Popen(
                 ["redis-server", str(self.config), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.client().ping()
-                return self
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise TimeoutError(f"sentinel on {self.port} did not answer within {timeout}s")
+        _wait_for_ping(self.client, self.proc, self.dir / "sentinel.log", timeout, f"sentinel on {self.port}")
+        return self
 
     def master_port(self) -> int | None:
         try:
