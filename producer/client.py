@@ -286,7 +286,7 @@ class InferenceClient:
     def _async_waiter(self) -> AsyncResultWaiter:
         side = self._async_side()
         if side.waiter is None:
-            side.waiter = AsyncResultWaiter(side.redis)
+            side.waiter = AsyncResultWaiter(side.redis, self._waiter)
         return side.waiter
 
     def _async_redis(self) -> aioredis.Redis:

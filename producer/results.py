@@ -2,8 +2,14 @@
 
 Celery's Redis backend publishes every state it stores on the channel named after the
 result key, ``celery-task-meta-<task id>``. A waiter subscribes to its task's channel; one
-listener (a thread, or a task per event loop) hands each final result to its waiter. So
-a web app awaiting thousands of results holds one pub/sub connection, not one per request.
+listener thread hands each final result to its waiter (a thread's event, or a coroutine's
+future on its event loop). So a web app awaiting thousands of results holds one pub/sub
+connection, not one per request.
+
+Only one thread at a time uses that connection, save for the listener's wait for data,
+which reads nothing: redis-py reconnects a pub/sub connection from whichever thread finds
+it broken, and two handshakes at once on one connection read each other's replies (a
+subscriber then gets the reply to a command it never sent).
 
 ``expect`` registers a waiter before its task is sent: then the result can only come
 after the subscription, and no read of the key is needed. ``wait`` (a task sent earlier)
@@ -15,8 +21,8 @@ that fail are tried again) until its result comes or its timeout passes.
 Each task has a channel of its own rather than a pattern subscription per client: Redis
 matches every PUBLISH (streamed tokens included) against every pattern subscribed on the
 server, so patterns would tax the whole fleet by the number of producer processes. The
-sync listener unsubscribes the channels whose results it delivered in one command, once
-it has read everything that has arrived.
+listener unsubscribes the channels whose results it delivered in one command, once it has
+read everything that has arrived.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import select
 import threading
 import time
 from dataclasses import dataclass
@@ -76,22 +83,63 @@ def _timed_out(task_id: str, timeout: float, unreachable: BaseException | None =
     return TimeoutError(f"task {task_id}: no result within {timeout:.1f}s{why}")
 
 
+class _Box:
+    """A thread's slot for its result: the first final meta, and an event to wait on."""
+
+    __slots__ = ("event", "meta")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.meta: dict[str, Any] | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.meta is not None
+
+    def __call__(self, meta: dict[str, Any]) -> None:  # on the listener thread
+        if self.meta is None:
+            self.meta = meta
+            self.event.set()
+
+
+class _FutureBox:
+    """A coroutine's slot: a future on its event loop, resolved from the listener thread."""
+
+    __slots__ = ("delivered", "future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.delivered = False
+
+    def _resolve(self, meta: dict[str, Any]) -> None:
+        if not self.future.done():
+            self.future.set_result(meta)
+
+    def __call__(self, meta: dict[str, Any]) -> None:  # on the listener thread
+        if not self.delivered:
+            self.delivered = True
+            with contextlib.suppress(RuntimeError):  # its loop has closed: no one waits
+                self.loop.call_soon_threadsafe(self._resolve, meta)
+
+
 class ResultWaiter:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self._lock = threading.Lock()  # sends on the pub/sub connection (the listener only reads)
-        self._waiting: dict[str, tuple[threading.Event, list[dict[str, Any]]]] = {}
+        self._lock = threading.Lock()  # every use of the pub/sub connection but the listener's wait
+        self._waiting: dict[str, _Box | _FutureBox] = {}
+        self._delivered: list[str] = []  # channels whose results were handed out, to unsubscribe
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def expect(self, task_id: str) -> Pending:
+    def expect(self, task_id: str, box: _Box | _FutureBox | None = None) -> Pending:
         """Subscribe to ``task_id``'s result; before sending it, so nothing is missed."""
         pending = Pending(task_id, RESULT_PREFIX + task_id)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the result waiter is closed")
-            self._waiting[pending.key] = (threading.Event(), [])
+            self._waiting[pending.key] = box or _Box()
             try:
                 self._pubsub.subscribe(pending.key)
             except BaseException:
@@ -105,7 +153,8 @@ class ResultWaiter:
     def result(self, pending: Pending, timeout: float, *, read_first: bool = False) -> dict[str, Any]:
         """The final result meta; ``TimeoutError`` after ``timeout`` seconds. ``read_first``
         when the task may have finished before :meth:`expect`."""
-        event, box = self._waiting[pending.key]
+        box = self._waiting[pending.key]
+        assert isinstance(box, _Box)
         unreachable: BaseException | None = None
 
         def read() -> dict[str, Any] | None:
@@ -124,7 +173,7 @@ class ResultWaiter:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise _timed_out(pending.task_id, timeout, unreachable)
-                meta = box[0] if event.wait(min(left, RECHECK_S)) else read()
+                meta = box.meta if box.event.wait(min(left, RECHECK_S)) else read()
             return meta
         finally:
             self.forget(pending)
@@ -135,11 +184,17 @@ class ResultWaiter:
 
     def forget(self, pending: Pending) -> None:
         """Stop waiting. A delivered result's channel is left to the listener to unsubscribe."""
+        if self._drop(pending):
+            self._unsubscribe(pending)
+
+    def _drop(self, pending: Pending) -> bool:
+        """Forget the waiter; True if its channel is still to unsubscribe."""
         # the usual case, a delivered result, takes no lock: the pop is atomic, and the
         # lock is held by pub/sub commands (a subscribe, the listener's batched unsubscribe)
-        waiter = self._waiting.pop(pending.key, None)
-        if waiter is None or waiter[1]:
-            return
+        box = self._waiting.pop(pending.key, None)
+        return box is not None and not box.delivered
+
+    def _unsubscribe(self, pending: Pending) -> None:
         with self._lock:
             if not self._closed:
                 # through an outage: a new connection subscribes only to the channels still waited on
@@ -147,32 +202,56 @@ class ResultWaiter:
                     self._pubsub.unsubscribe(pending.key)
 
     def _listen(self) -> None:
-        delivered: list[str] = []
+        more = False
         while not self._closed:
+            if not more:
+                self._wait_for_data(1.0)
             try:
-                if delivered and (len(delivered) >= UNSUBSCRIBE_BATCH or not self._more_to_read()):
-                    with self._lock:
-                        if self._closed:
-                            return
-                        self._pubsub.unsubscribe(*delivered)
-                    delivered.clear()
-                message = self._pubsub.get_message(timeout=1.0)
+                with self._lock:
+                    if self._closed:
+                        return
+                    more = self._read_available()
             except (redis.ConnectionError, redis.TimeoutError):
-                time.sleep(0.5)  # redis-py reconnects and subscribes again; waiters re-read meanwhile
-                continue
+                more = False
+                time.sleep(0.5)  # Redis unreachable: waiters re-read meanwhile
             except Exception:
+                more = False
                 if self._closed:
                     return
                 # keep listening: without the listener every result would wait for a re-read
                 log.exception("result listener failed; listening again in 0.5 s")
                 time.sleep(0.5)
-                continue
-            key, meta = _result_message(message)
-            waiter = self._waiting.get(key) if meta is not None else None
-            if waiter is not None and not waiter[1]:
-                waiter[1].append(meta)
-                waiter[0].set()
+
+    def _wait_for_data(self, timeout: float) -> None:
+        """Block, holding no lock, until the pub/sub socket has something to read (or is gone):
+        a subscribe never waits for a quiet connection, and only a lock holder reconnects."""
+        connection = self._pubsub.connection
+        sock = getattr(connection, "_sock", None)
+        if sock is None:
+            return  # disconnected: the read reconnects it, under the lock
+        pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted, unseen by select
+        if pending is not None and pending():
+            return
+        with contextlib.suppress(OSError, ValueError):  # closed under us: read (and reconnect) at once
+            select.select([sock], [], [], timeout)
+
+    def _read_available(self) -> bool:
+        """Hand out the messages that have arrived (reconnecting first if need be), up to a
+        batch, then unsubscribe the delivered channels in one command. True if more wait."""
+        delivered, more = self._delivered, True
+        for _ in range(UNSUBSCRIBE_BATCH):
+            key, meta = _result_message(self._pubsub.get_message(timeout=0))
+            box = self._waiting.get(key) if meta is not None else None
+            if box is not None and not box.delivered:
+                box(meta)
                 delivered.append(key)
+            more = self._more_to_read()
+            if not more:
+                break
+        if delivered:
+            self._pubsub.unsubscribe(*delivered)
+            delivered.clear()  # (kept through a failed unsubscribe, for the next read)
+        return more
 
     def _more_to_read(self) -> bool:
         connection = self._pubsub.connection
@@ -185,33 +264,34 @@ class ResultWaiter:
 
 
 class AsyncResultWaiter:
-    """The asyncio twin: one listener task on the event loop it was first used on."""
+    """The asyncio face of a :class:`ResultWaiter`: its coroutines' subscriptions ride on the
+    shared waiter's one pub/sub connection and listener thread, which resolves each
+    coroutine's future on its own event loop. So every event loop of a process, and every
+    thread, shares one pub/sub connection, and only one thread ever reconnects it."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self._client = client
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
-        # one command on the pub/sub connection at a time: redis-py's asyncio PubSub opens
-        # its connection on first use, and coroutines subscribing together would each open
-        # one (all but the last left unread, their subscriptions lost)
-        self._commands = asyncio.Lock()
-        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._listener: asyncio.Task[None] | None = None
+    def __init__(self, client: aioredis.Redis, shared: ResultWaiter) -> None:
+        self._client = client  # this event loop's connection, for the re-reads
+        self._shared = shared
 
     async def expect(self, task_id: str) -> Pending:
-        pending = Pending(task_id, RESULT_PREFIX + task_id)
-        self._waiting[pending.key] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        box = _FutureBox(loop)
+        # a subscribe that finds the connection down reconnects it: not on the event loop
+        subscribing = loop.run_in_executor(None, self._shared.expect, task_id, box)
         try:
-            async with self._commands:
-                await self._pubsub.subscribe(pending.key)
-            if self._listener is None or self._listener.done():
-                self._listener = asyncio.create_task(self._listen(), name="result-listener")
-        except BaseException:
-            await self.forget(pending)
+            return await asyncio.shield(subscribing)
+        except asyncio.CancelledError:  # the subscribe goes on: forget it once it is done
+
+            def forget(done: asyncio.Future[Pending]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self._forget_soon(loop, done.result())
+
+            subscribing.add_done_callback(forget)
             raise
-        return pending
 
     async def result(self, pending: Pending, timeout: float, *, read_first: bool = False) -> dict[str, Any]:
-        future = self._waiting[pending.key]
+        box = self._shared._waiting[pending.key]
+        assert isinstance(box, _FutureBox)
         unreachable: BaseException | None = None
 
         async def read() -> dict[str, Any] | None:
@@ -230,8 +310,8 @@ class AsyncResultWaiter:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise _timed_out(pending.task_id, timeout, unreachable)
-                done, _ = await asyncio.wait({future}, timeout=min(left, RECHECK_S))
-                meta = future.result() if done else await read()
+                done, _ = await asyncio.wait({box.future}, timeout=min(left, RECHECK_S))
+                meta = box.future.result() if done else await read()
             return meta
         finally:
             await self.forget(pending)
@@ -240,26 +320,12 @@ class AsyncResultWaiter:
         return await self.result(await self.expect(task_id), timeout, read_first=True)
 
     async def forget(self, pending: Pending) -> None:
-        if self._waiting.pop(pending.key, None) is not None:
-            async with self._commands:
-                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                    await self._pubsub.unsubscribe(pending.key)
+        self._forget_soon(asyncio.get_running_loop(), pending)
 
-    async def _listen(self) -> None:
-        while self._waiting:
-            try:
-                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            except (redis.ConnectionError, redis.TimeoutError):
-                await asyncio.sleep(0.5)
-                continue
-            key, meta = _result_message(message)
-            future = self._waiting.get(key) if meta is not None else None
-            if future is not None and not future.done():
-                future.set_result(meta)
+    def _forget_soon(self, loop: asyncio.AbstractEventLoop, pending: Pending) -> None:
+        """Forget now; an unsubscribe (rare: a result never came) goes to a thread, unawaited."""
+        if self._shared._drop(pending):
+            loop.run_in_executor(None, self._shared._unsubscribe, pending)
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
-        await self._pubsub.aclose()
+        """Nothing of its own to close: the shared waiter closes with its client."""

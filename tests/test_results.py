@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -73,6 +74,25 @@ def waiter(redis_url: str) -> Iterator[ResultWaiter]:
     yield w
     w.close()
     client.close()
+
+
+@contextlib.asynccontextmanager
+async def async_waiter(
+    redis_url: str, name: str | None = None
+) -> AsyncIterator[tuple[AsyncResultWaiter, ResultWaiter]]:
+    """An asyncio waiter on its shared waiter, as a client makes them (``name``: the shared
+    waiter's connections' client name)."""
+    client = aioredis.Redis.from_url(redis_url)
+    shared_client = redis.Redis.from_url(redis_url, client_name=name)
+    shared = ResultWaiter(shared_client)
+    waiter = AsyncResultWaiter(client, shared)
+    try:
+        yield waiter, shared
+    finally:
+        await waiter.close()
+        shared.close()
+        shared_client.close()
+        await client.aclose()
 
 
 def test_a_waiter_registered_before_the_send_needs_only_the_published_result(
@@ -192,9 +212,7 @@ def test_the_listener_outlives_an_unexpected_error(
 
 def test_the_async_waiter(redis_url: str, r: redis.Redis) -> None:
     async def scenario() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        waiter = AsyncResultWaiter(client)
-        try:
+        async with async_waiter(redis_url) as (waiter, shared):
             before = [str(uuid.uuid4()) for _ in range(40)]  # registered before "sending"
             after = [str(uuid.uuid4()) for _ in range(8)]  # waited for after
             pending = [await waiter.expect(task_id) for task_id in before]
@@ -212,12 +230,11 @@ def test_the_async_waiter(redis_url: str, r: redis.Redis) -> None:
             results = await asyncio.wait_for(asyncio.gather(*waits), 30)
             assert [m["result"] for m in results[: len(before)]] == before
             assert results[len(before) :] == after
-            assert not waiter._waiting and all(subscribers(r, t) == 0 for t in before + after)
+            assert not shared._waiting
+            eventually(lambda: all(subscribers(r, t) == 0 for t in before + after), "channels left subscribed")
             with pytest.raises(TimeoutError):
                 await waiter.wait(str(uuid.uuid4()), timeout=0.2)
-        finally:
-            await waiter.close()
-            await client.aclose()
+            eventually(lambda: not shared._pubsub.channels, "a timed-out waiter left subscribed")
 
     asyncio.run(scenario())
 
@@ -227,9 +244,7 @@ def test_the_async_waiter_subscribes_many_at_once_over_one_connection(redis_url:
 
     async def scenario() -> None:
         name = f"waiter-{uuid.uuid4().hex[:8]}"
-        client = aioredis.Redis.from_url(redis_url, client_name=name)
-        waiter = AsyncResultWaiter(client)
-        try:
+        async with async_waiter(redis_url, name) as (waiter, _):
             ids = [str(uuid.uuid4()) for _ in range(64)]
             pending = await asyncio.wait_for(asyncio.gather(*(waiter.expect(t) for t in ids)), 10)
             waits = [asyncio.ensure_future(waiter.result(p, timeout=5)) for p in pending]
@@ -238,10 +253,7 @@ def test_the_async_waiter_subscribes_many_at_once_over_one_connection(redis_url:
             results = await asyncio.wait_for(asyncio.gather(*waits), 10)
             assert [m["result"] for m in results] == ids
             connections = [c for c in r.client_list() if c["name"] == name]
-            assert len(connections) <= 2  # the pub/sub one, and one for commands
-        finally:
-            await waiter.close()
-            await client.aclose()
+            assert len(connections) == 1  # the pub/sub one
 
     asyncio.run(scenario())
 
@@ -297,3 +309,96 @@ def test_an_unreachable_redis_is_an_error_at_once_and_leaves_nothing_behind() ->
         waiter.expect(str(uuid.uuid4()))
     assert time.monotonic() - started < 5 and not waiter._waiting
     waiter.close()
+
+
+KILL_FOR_S = 6.0
+
+
+def test_subscribers_and_the_listener_ride_out_dropped_connections_together(
+    r: redis.Redis, waiter: ResultWaiter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Threads subscribe while the pub/sub connection is dropped again and again. Only one
+    thread may reconnect it at a time: two handshakes on one connection read each other's
+    replies (a subscriber then sees a reply to a command it never sent)."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    served = [0]
+
+    def ask(k: int) -> None:
+        while not stop.is_set():
+            task_id = f"{k}-{uuid.uuid4()}"
+            try:
+                pending = waiter.expect(task_id)
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue  # dropped under the subscribe: a caller tries again
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+            store(r, task_id, result=k)
+            try:
+                assert waiter.result(pending, timeout=RECHECK_S * 3)["result"] == k
+                served[0] += 1
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+
+    askers = [threading.Thread(target=ask, args=(k,), daemon=True) for k in range(8)]
+    for t in askers:
+        t.start()
+    deadline, kills = time.monotonic() + KILL_FOR_S, 0
+    while time.monotonic() < deadline and not errors:
+        kills += r.client_kill_filter(_type="pubsub", skipme=True)
+        time.sleep(0.02)
+    stop.set()
+    for t in askers:
+        t.join(RECHECK_S * 4)
+    assert not errors, errors[:3]
+    assert not [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert kills >= 5 and served[0] >= 20, (kills, served[0])
+
+
+def test_coroutines_and_the_async_listener_ride_out_dropped_connections_together(redis_url: str) -> None:
+    """The asyncio twin: there two reconnects at once fail outright ("read() called while
+    another coroutine is already waiting for incoming data")."""
+
+    async def scenario() -> tuple[int, int]:
+        async with async_waiter(redis_url) as (waiter, _):
+            return await ride_out(waiter)
+
+    async def ride_out(waiter: AsyncResultWaiter) -> tuple[int, int]:
+        r = aioredis.Redis.from_url(redis_url)
+        stop = asyncio.Event()
+        served = [0]
+
+        async def ask(k: int) -> None:
+            while not stop.is_set():
+                task_id = f"{k}-{uuid.uuid4()}"
+                try:
+                    pending = await waiter.expect(task_id)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    continue
+                value = json.dumps({"status": "SUCCESS", "result": k, "task_id": task_id})
+                await r.set(RESULT_PREFIX + task_id, value, ex=60)
+                await r.publish(RESULT_PREFIX + task_id, value)
+                assert (await waiter.result(pending, timeout=RECHECK_S * 3))["result"] == k
+                served[0] += 1
+
+        askers = [asyncio.create_task(ask(k)) for k in range(8)]
+        try:
+            deadline, kills = time.monotonic() + KILL_FOR_S, 0
+            while time.monotonic() < deadline and not any(t.done() for t in askers):
+                kills += await r.client_kill_filter(_type="pubsub", skipme=True)
+                await asyncio.sleep(0.02)
+            stop.set()
+            done, _ = await asyncio.wait(askers, timeout=RECHECK_S * 4)
+            assert len(done) == len(askers), "an asker hung"
+            for t in done:
+                t.result()  # raises what an asker raised
+            return kills, served[0]
+        finally:
+            for t in askers:
+                t.cancel()
+            await r.aclose()
+
+    kills, served = asyncio.run(scenario())
+    assert kills >= 5 and served >= 20, (kills, served)
