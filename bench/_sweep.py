@@ -98,22 +98,13 @@ def concurrent(fn: Callable[[int], Stream], n: int) -> tuple[list[Stream], float
     return [s for s in out if s is not None], time.perf_counter() - started
 
 
-def worker_level(client: Any, alias: str, queue: str, level: int, args: Any) -> dict[str, float]:
-    """``level`` streams at once: aggregate tokens/s and inter-token latencies."""
+def worker_rep(client: Any, alias: str, queue: str, level: int, args: Any) -> tuple[float, list[float]]:
+    """``level`` streams at once, once: aggregate tokens/s and every inter-token gap."""
     prompts = sweep_prompts(level)
-    rates, gaps = [], []
-    for _ in range(args.sweep_reps):
-        streams, wall = concurrent(
-            lambda i: stream_once(client, alias, queue, prompts[i], args.sweep_tokens, args.task_timeout), level
-        )
-        rates.append(sum(s.tokens for s in streams) / wall)
-        gaps += [g for s in streams for g in s.gaps]
-    return {"rate": h.median(rates), "itl50": h.percentile(gaps, 50), "itl99": h.percentile(gaps, 99)}
-
-
-def ttft_under_load(client: Any, alias: str, queue: str, level: int, args: Any) -> float:
-    """TTFT of a request sent once ``level - 1`` others are decoding (median of reps)."""
-    return h.median([_probe(client, alias, queue, level, args, rep) for rep in range(args.sweep_reps)])
+    streams, wall = concurrent(
+        lambda i: stream_once(client, alias, queue, prompts[i], args.sweep_tokens, args.task_timeout), level
+    )
+    return sum(s.tokens for s in streams) / wall, [g for s in streams for g in s.gaps]
 
 
 def _probe(client: Any, alias: str, queue: str, level: int, args: Any, rep: int) -> float:
@@ -142,13 +133,30 @@ def _probe(client: Any, alias: str, queue: str, level: int, args: Any, rep: int)
 
 
 def run_worker_sweep(client: Any, alias: str, queue: str, args: Any) -> dict[int, dict[str, float]]:
+    """Every level once per repetition (1, 2, 4, 8, then again), so that a change in the
+    host's speed during the sweep weighs on every level alike, not on one level's block;
+    the medians per level are reported."""
     stream_once(client, alias, queue, "Warm up", 8, args.task_timeout)
-    results = {}
-    for level in args.levels:
-        h.log(f"sweep: {alias}, {level} stream(s)")
-        results[level] = worker_level(client, alias, queue, level, args)
-        results[level]["ttft"] = ttft_under_load(client, alias, queue, level, args)
-    return results
+    rates: dict[int, list[float]] = {level: [] for level in args.levels}
+    gaps: dict[int, list[float]] = {level: [] for level in args.levels}
+    ttfts: dict[int, list[float]] = {level: [] for level in args.levels}
+    for rep in range(args.sweep_reps):
+        for level in args.levels:
+            h.log(f"sweep: {alias}, {level} stream(s), repetition {rep + 1} of {args.sweep_reps}")
+            rate, level_gaps = worker_rep(client, alias, queue, level, args)
+            rates[level].append(rate)
+            gaps[level] += level_gaps
+            # TTFT of a request sent once level - 1 others are decoding
+            ttfts[level].append(_probe(client, alias, queue, level, args, rep))
+    return {
+        level: {
+            "rate": h.median(rates[level]),
+            "itl50": h.percentile(gaps[level], 50),
+            "itl99": h.percentile(gaps[level], 99),
+            "ttft": h.median(ttfts[level]),
+        }
+        for level in args.levels
+    }
 
 
 # -- the library directly, with the same concurrency -------------------------------------------

@@ -370,7 +370,7 @@ def main() -> None:
     p.add_argument("--sweep", default="", help="concurrency levels for the sweep, e.g. 1,2,4,8 (default: no sweep)")
     p.add_argument("--only-sweep", action="store_true", help="skip the one-stream comparison")
     p.add_argument("--sweep-tokens", type=int, default=64, help="sweep: max_tokens per stream")
-    p.add_argument("--sweep-reps", type=int, default=2, help="sweep: repetitions per level (the median is reported)")
+    p.add_argument("--sweep-reps", type=int, default=3, help="sweep: repetitions per level (the median is reported)")
     p.add_argument("--sweep-slot-ctx", type=int, default=512, help="sweep: llama.cpp context per slot")
     p.add_argument(
         "--hf-dtypes", default="float32,bfloat16", help="sweep: transformers dtypes, comma-separated (float16 on a GPU)"
@@ -520,7 +520,7 @@ def run_sweep(runtimes: list[str], gguf: str, hf_folder: str | None, args: Any, 
     )
     return (
         f"Greedy, {args.sweep_tokens} new tokens per stream, a different prompt per stream, median of "
-        f"{args.sweep_reps} per level; the worker's model has `parallel: {parallel}`. Worker tok/s: every "
+        f"{args.sweep_reps} per level (the worker's levels in turn, once per repetition); the worker's model has `parallel: {parallel}`. Worker tok/s: every "
         "stream's completion tokens over the wall time from the first send to the last end. TTFT under load: a "
         "request sent while the other streams decode, against the same request on an idle worker (the 1-stream "
         f"row). ITL: gaps between a stream's token messages, over every stream. {library}\n\n" + "\n".join(parts)
