@@ -9,7 +9,8 @@ model has ``parallel`` = the highest level:
   that many sequences decoded in one ``llama_decode`` per step (its own batch API); for
   transformers, one ``model.generate`` over that many left-padded prompts;
 * time to first token of a request sent while the others decode, against its TTFT with
-  the worker idle;
+  the worker idle; and the median TTFT of the level's streams, all sent at once (a burst:
+  their prompts arrive together);
 * inter-token latency p50 and p99 over every stream (gaps between stream messages).
 """
 
@@ -98,13 +99,15 @@ def concurrent(fn: Callable[[int], Stream], n: int) -> tuple[list[Stream], float
     return [s for s in out if s is not None], time.perf_counter() - started
 
 
-def worker_rep(client: Any, alias: str, queue: str, level: int, args: Any) -> tuple[float, list[float]]:
-    """``level`` streams at once, once: aggregate tokens/s and every inter-token gap."""
+def worker_rep(client: Any, alias: str, queue: str, level: int, args: Any) -> tuple[float, list[float], float]:
+    """``level`` streams at once, once: aggregate tokens/s, every inter-token gap and the
+    streams' median time to first token."""
     prompts = sweep_prompts(level)
     streams, wall = concurrent(
         lambda i: stream_once(client, alias, queue, prompts[i], args.sweep_tokens, args.task_timeout), level
     )
-    return sum(s.tokens for s in streams) / wall, [g for s in streams for g in s.gaps]
+    gaps = [g for s in streams for g in s.gaps]
+    return sum(s.tokens for s in streams) / wall, gaps, h.median([s.ttft for s in streams])
 
 
 def _probe(client: Any, alias: str, queue: str, level: int, args: Any, rep: int) -> float:
@@ -140,11 +143,13 @@ def run_worker_sweep(client: Any, alias: str, queue: str, args: Any) -> dict[int
     rates: dict[int, list[float]] = {level: [] for level in args.levels}
     gaps: dict[int, list[float]] = {level: [] for level in args.levels}
     ttfts: dict[int, list[float]] = {level: [] for level in args.levels}
+    bursts: dict[int, list[float]] = {level: [] for level in args.levels}
     for rep in range(args.sweep_reps):
         for level in args.levels:
             h.log(f"sweep: {alias}, {level} stream(s), repetition {rep + 1} of {args.sweep_reps}")
-            rate, level_gaps = worker_rep(client, alias, queue, level, args)
+            rate, level_gaps, burst = worker_rep(client, alias, queue, level, args)
             rates[level].append(rate)
+            bursts[level].append(burst)
             gaps[level] += level_gaps
             # TTFT of a request sent once level - 1 others are decoding
             ttfts[level].append(_probe(client, alias, queue, level, args, rep))
@@ -154,6 +159,7 @@ def run_worker_sweep(client: Any, alias: str, queue: str, args: Any) -> dict[int
             "itl50": h.percentile(gaps[level], 50),
             "itl99": h.percentile(gaps[level], 99),
             "ttft": h.median(ttfts[level]),
+            "burst": h.median(bursts[level]),
         }
         for level in args.levels
     }
@@ -248,6 +254,7 @@ def table(worker: dict[int, dict[str, float]], direct: dict[int, float]) -> str:
                 h.ratio(w["rate"], d),
                 h.ms(w["ttft"]),
                 h.ratio(w["ttft"], one["ttft"]),
+                h.ms(w["burst"]),
                 h.ms(w["itl50"]),
                 h.ms(w["itl99"]),
             ]
@@ -262,6 +269,7 @@ def table(worker: dict[int, dict[str, float]], direct: dict[int, float]) -> str:
             "worker / library",
             "TTFT under load ms",
             "vs idle",
+            "TTFT all sent at once ms",
             "ITL p50 ms",
             "ITL p99 ms",
         ],

@@ -1,17 +1,27 @@
-"""How often a GGUF model's greedy text under ``parallel: N`` differs from the same request
+"""How often a model's greedy text under ``parallel: N`` differs from the same request
 alone (docs/generation.md, "How often the text differs").
 
-llama.cpp's arithmetic for one row can change with the number of rows decoded with it,
-so a greedy choice between two near-equal tokens can flip. This counts it: P greedy
-prompts (default 60), all submitted at once to the model's slots (every slot busy while
-requests remain: the most rows per step there can be), each text compared with
-``Llama.create_completion`` for that prompt alone on a fresh context. Runs the worker's
-GGUF runtime in this process (models/gguf.py with models/continuous.py): no Redis, no
-worker; what is measured is the decoding, not the transport.
+A backend's arithmetic for one row can change with the rows computed beside it, so a
+greedy choice between two near-equal tokens can flip. This counts it: P greedy prompts
+(default 60), all submitted at once to the model's slots (every slot busy while requests
+remain: the most rows per step there can be), each text compared with the backend's for
+that prompt alone. Runs the worker's runtime in this process (models/gguf.py or
+models/causal_lm.py, with models/continuous.py): no Redis, no worker; what is measured is
+the decoding, not the transport.
+
+* ``--backend gguf`` (default): the bundled Gemma 3 270M Q4_K_M; alone is
+  ``Llama.create_completion`` on a fresh context, for each setting of llama.cpp's weight
+  repacking.
+* ``--backend transformers``: Gemma 3 270M converted from the same GGUF
+  (bench_generate.py's cached folder), in each of ``--dtypes``; alone is the worker's
+  ``parallel: 1`` path, which is ``model.generate(do_sample=False)``. Requests submitted
+  together have their prompts evaluated together (one left-padded pass), so this covers
+  the batched prompt pass as well as the batched decode.
 
 Run by hand (not a test)::
 
     python bench/bench_exactness.py --parallel 1,2,3,4,7,8 --weight-repacking on,off --write
+    python bench/bench_exactness.py --backend transformers --parallel 2,4,8 --dtypes float32,bfloat16 --write
 """
 
 from __future__ import annotations
@@ -70,7 +80,12 @@ def main() -> None:
         help="comma-separated settings of llama.cpp's weight repacking for this CPU, each measured on both "
         "sides: default (the worker's: on, except with a build that uses AMX), on, off",
     )
+    p.add_argument("--backend", choices=["gguf", "transformers"], default="gguf")
+    p.add_argument("--dtypes", default="float32", help="transformers: comma-separated dtypes")
     args = p.parse_args()
+    if args.backend == "transformers":
+        transformers_main(args)
+        return
 
     path = h.gguf_path()
     texts = prompts(args.prompts)
@@ -82,11 +97,8 @@ def main() -> None:
         alone = texts_alone(path, texts, args, repacking)
         for parallel in levels:
             results = texts_batched(path, texts, args, repacking, parallel)
-            differ = [(r, a) for r, a in zip(results, alone, strict=True) if r != a]
-            where = sorted(common_prefix(r, a) * 100 // max(len(a), 1) for r, a in differ)
-            parts = f" (parts at {where[len(where) // 2]}%)" if where else ""
-            counts[setting, parallel] = f"{len(differ)} of {len(texts)}{parts}"
-            h.log(f"repacking {setting}, parallel {parallel}: {len(differ)} of {len(texts)} differ")
+            counts[setting, parallel] = differing(results, alone)
+            h.log(f"repacking {setting}, parallel {parallel}: {counts[setting, parallel]} differ")
 
     rows = [[parallel] + [counts[s, parallel] for s in settings] for parallel in levels]
     body = (
@@ -140,6 +152,63 @@ def texts_batched(
             return [r.text for r in pool.map(lambda p: runtime.generate(p, GenerationControl()), params)]
     finally:
         runtime.close()
+
+
+def transformers_main(args: argparse.Namespace) -> None:
+    from bench_generate import gemma_hf_folder
+
+    folder = str(gemma_hf_folder(h.gguf_path()))
+    texts = prompts(args.prompts)
+    levels = [int(n) for n in args.parallel.split(",")]
+    dtypes = args.dtypes.split(",")
+    counts: dict[tuple[str, int], str] = {}
+    for dtype in dtypes:
+        alone = hf_texts(folder, texts, args, dtype, 1)
+        for parallel in levels:
+            results = hf_texts(folder, texts, args, dtype, parallel)
+            counts[dtype, parallel] = differing(results, alone)
+            h.log(f"transformers {dtype}, parallel {parallel}: {counts[dtype, parallel]} differ")
+    rows = [[parallel] + [counts[d, parallel] for d in dtypes] for parallel in levels]
+    body = (
+        f"Gemma 3 270M (converted from the GGUF, transformers on the CPU), {len(texts)} greedy prompts of "
+        f"5-12 tokens, {args.max_tokens} new tokens each, all submitted at once (each step's new prompts "
+        "evaluated together in one left-padded pass, then decoded as rows of one cache); how many texts "
+        "differ from the same runtime with `parallel: 1` (`model.generate`), and the median point, as a "
+        "share of the text alone, where a differing text leaves it.\n\n"
+        + h.markdown_table(["`parallel`"] + list(dtypes), rows, "r" * (1 + len(dtypes)))
+    )
+    h.report(
+        "bench_exactness_transformers",
+        "Greedy text under `parallel: N` against the request alone (transformers)",
+        body,
+        args,
+    )
+
+
+def differing(results: list[str], alone: list[str]) -> str:
+    differ = [(r, a) for r, a in zip(results, alone, strict=True) if r != a]
+    where = sorted(common_prefix(r, a) * 100 // max(len(a), 1) for r, a in differ)
+    parts = f" (parts at {where[len(where) // 2]}%)" if where else ""
+    return f"{len(differ)} of {len(results)}{parts}"
+
+
+def hf_texts(folder: str, texts: list[str], args: argparse.Namespace, dtype: str, parallel: int) -> list[str]:
+    """Every prompt submitted at once to the worker's transformers runtime with that many
+    slots (with 1, each runs ``model.generate`` in turn)."""
+    from models.causal_lm import CausalLMRuntime
+    from models.generation import GenerationControl, GenerationParams
+    from models.options import CausalLMOptions
+
+    options = CausalLMOptions(parallel=parallel, max_waiting=len(texts), dtype=dtype)
+    runtime = CausalLMRuntime("gemma", folder, "cpu", options)
+    runtime.load()
+    params = [GenerationParams(prompt=t, max_tokens=args.max_tokens, temperature=0.0) for t in texts]
+    try:
+        with ThreadPoolExecutor(len(params)) as pool:
+            return [r.text for r in pool.map(lambda p: runtime.generate(p, GenerationControl()), params)]
+    finally:
+        runtime.close()
+        h.free(runtime)
 
 
 if __name__ == "__main__":

@@ -523,7 +523,8 @@ def run_sweep(runtimes: list[str], gguf: str, hf_folder: str | None, args: Any, 
         f"{args.sweep_reps} per level (the worker's levels in turn, once per repetition); the worker's model has `parallel: {parallel}`. Worker tok/s: every "
         "stream's completion tokens over the wall time from the first send to the last end. TTFT under load: a "
         "request sent while the other streams decode, against the same request on an idle worker (the 1-stream "
-        f"row). ITL: gaps between a stream's token messages, over every stream. {library}\n\n" + "\n".join(parts)
+        "row). TTFT all sent at once: the median over the level's streams, sent together. ITL: gaps between a "
+        f"stream's token messages, over every stream. {library}\n\n" + "\n".join(parts)
     )
 
 

@@ -1,9 +1,11 @@
 """Transformers causal LMs, several generations decoded together (``parallel`` > 1).
 
 Requests join the running batch at a decode-step boundary, in the model's own KV cache
-(``DynamicCache``): a new request's prompt is evaluated on its own, then its cache is
-joined to the batch's as one more row, left-padded to the batch's length (the padding
-masked out, each row's positions its own). Each step is one forward pass of one token
+(``DynamicCache``): the prompts of the requests that arrive for the same step are
+evaluated together in one left-padded pass (those of similar length; a lone request's
+prompt on its own, as ``generate`` evaluates it), then their cache is joined to the
+batch's as more rows, left-padded to the batch's length (the padding masked out, each
+row's positions its own). Each step is one forward pass of one token
 per row; a row leaves the moment its generation ends, and padding no row needs any more
 is trimmed. Sliding-window layers (Gemma 3) keep their window: their cache is joined
 and trimmed by the same rule.
@@ -83,6 +85,29 @@ def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
 
 
+# A step's new prompts are evaluated together where the padding costs little: a group's
+# padded tokens at most PAD_BUDGET times its real ones, and at most MAX_TOKENS (a longer
+# prompt goes on its own).
+PREFILL_PAD_BUDGET = 1.5
+PREFILL_MAX_TOKENS = 4096
+
+
+def prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """The generations new in a step, in groups whose prompts go in one forward pass: the
+    longest first, each joined by the next longest while the padding stays in budget."""
+    groups: list[list[Sequence]] = []
+    for seq in sorted(seqs, key=lambda s: s.prompt_tokens, reverse=True):
+        if groups:
+            group = groups[-1]
+            padded = group[0].prompt_tokens * (len(group) + 1)
+            real = sum(s.prompt_tokens for s in group) + seq.prompt_tokens
+            if padded <= PREFILL_MAX_TOKENS and padded <= PREFILL_PAD_BUDGET * real:
+                group.append(seq)
+                continue
+        groups.append([seq])
+    return groups
+
+
 class CacheRows:
     """The generations of one causal LM as rows of one left-padded KV cache (the
     ``Backend`` of models/continuous.py)."""
@@ -92,6 +117,7 @@ class CacheRows:
         self.tokenizer = tokenizer
         self.device = device
         self.eos_ids = eos_ids
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out
         self._clear()
 
     def _clear(self) -> None:
@@ -124,13 +150,12 @@ class CacheRows:
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
         sampled: list[tuple[Sequence, int]] = []
         with torch.inference_mode():
-            for seq in seqs:
-                if not seq.slot.joined:
-                    logits, cache = self._prefill(seq.prompt_ids)
-                    token = self._sample([seq], logits)[0]
+            for group in prefill_groups([seq for seq in seqs if not seq.slot.joined]):
+                logits, cache, mask = self._prefill([seq.prompt_ids for seq in group])
+                for seq, token in zip(group, self._sample(group, logits), strict=True):
                     seq.slot.pending = token
                     sampled.append((seq, token))
-                    self._join(seq, cache)
+                self._join(group, cache, mask)
             if self.rows:
                 ids = torch.tensor([[seq.slot.pending] for seq in self.rows], device=self.device)
                 mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
@@ -148,14 +173,19 @@ class CacheRows:
                     sampled.append((seq, token))
         return sampled
 
-    def _prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, DynamicCache]:
-        """A prompt on its own, as ``generate`` evaluates it: its last logits and cache."""
-        ids = torch.tensor([prompt_ids], device=self.device)
+    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Prompts evaluated together, left-padded to the longest: each one's last logits,
+        their cache and its mask (1: a real token). One prompt goes as ``generate``
+        evaluates it."""
+        width = max(len(ids) for ids in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        extra: dict[str, Any] = {}
+        if len(prompts) > 1:  # each row's positions count its own tokens, from 0
+            extra["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True, logits_to_keep=1
-        )
-        return out.logits[:, -1], cache
+        out = self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **extra)
+        return out.logits[:, -1], cache, mask
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Each row's next token: the argmax for greedy rows, else its own warpers and draw."""
@@ -172,18 +202,20 @@ class CacheRows:
             tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)[0, 0]))
         return tokens
 
-    def _join(self, seq: Sequence, cache: DynamicCache) -> None:
-        """Add a prefilled generation's cache to the batch's as its last row."""
-        length = len(seq.prompt_ids)
-        seq.slot.joined = True
+    def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add prefilled generations' cache (one row each, ``mask`` its real tokens) to the
+        batch's, as its last rows."""
+        lengths = mask.sum(dim=1)
+        for seq in seqs:
+            seq.slot.joined = True
         if not self.rows:
             self.cache = cache
-            self.mask = torch.ones((1, length), dtype=torch.long, device=self.device)
-            self.positions = torch.tensor([length], device=self.device)
-            self.rows = [seq]
+            self.mask = mask
+            self.positions = lengths
+            self.rows = list(seqs)
             return
         assert self.cache is not None
-        width = max(self.mask.shape[1], length)
+        width = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             if not getattr(theirs, "is_initialized", False) or not getattr(mine, "is_initialized", False):
                 continue  # a layer that keeps no cache of its own (shared key/values)
@@ -194,10 +226,9 @@ class CacheRows:
             mine.values = torch.cat([_left_pad(mine.values, keep), _left_pad(theirs.values, keep)], dim=0)
             if hasattr(mine, "cumulative_length"):
                 mine.cumulative_length = width
-        ones = torch.ones((1, length), dtype=torch.long, device=self.device)
-        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(ones, width)], dim=0)
-        self.positions = torch.cat([self.positions, torch.tensor([length], device=self.device)])
-        self.rows.append(seq)
+        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)], dim=0)
+        self.positions = torch.cat([self.positions, lengths])
+        self.rows.extend(seqs)
 
     def release(self, seq: Sequence) -> None:
         """Drop a generation's row, then the padding no row needs any more."""

@@ -260,3 +260,83 @@ def test_cache_rows_joining_and_leaving_give_each_generation_alone(
     finally:
         batched.close()
         alone.close()
+
+
+@pytest.mark.parametrize(
+    ("lengths", "groups"),
+    [
+        ([5], [[5]]),
+        ([8, 7, 6, 8], [[8, 8, 7, 6]]),  # 32 padded for 29 real tokens
+        ([20, 3, 4], [[20], [4, 3]]),  # the short ones are not padded to 20
+        ([3000, 2500, 2000], [[3000], [2500], [2000]]),  # over the tokens of one pass
+    ],
+)
+def test_prompts_are_evaluated_together_where_the_padding_costs_little(
+    lengths: list[int], groups: list[list[int]]
+) -> None:
+    from models.causal_lm_rows import prefill_groups
+
+    params = GenerationParams(prompt="x", max_tokens=5, temperature=0.0)
+    seqs = [Sequence(params, [1] * n, Letters(), time.monotonic() + 60) for n in lengths]
+    assert [[s.prompt_tokens for s in g] for g in prefill_groups(seqs)] == groups
+
+
+@pytest.mark.parametrize("builder", ["build_tiny_causal_lm", "build_tiny_gemma3"])
+def test_cache_rows_prompts_evaluated_together_give_each_generation_alone(
+    builder: str, minilm_path: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Requests that arrive while the model is busy have their prompts evaluated in
+    left-padded passes when the model comes free (three prompts of similar length in one, a
+    much longer one on its own), and each text still equals ``model.generate`` for that prompt alone."""
+    from models.causal_lm import CausalLMRuntime
+    from models.options import CausalLMOptions
+    from tests import model_builders
+
+    out = tmp_path_factory.mktemp(builder)
+    build = getattr(model_builders, builder)
+    path = (
+        build(minilm_path, out, chat_template=False) if builder == "build_tiny_causal_lm" else build(minilm_path, out)
+    )
+    batched = CausalLMRuntime("batched", path, "cpu", CausalLMOptions(parallel=4, max_waiting=8))
+    alone = CausalLMRuntime("alone", path, "cpu", CausalLMOptions())
+    batched.load()
+    alone.load()
+    assert batched._rows is not None
+    rows = batched._rows
+    passes: list[list[int]] = []  # the prompt lengths of each prompt pass
+    prefill = rows._prefill
+    rows._prefill = lambda prompts: (passes.append([len(p) for p in prompts]), prefill(prompts))[1]  # type: ignore[method-assign]
+    words = "river stone cloud music winter garden engine paper silver forest candle".split()
+    # three prompts longer than Gemma's window (6) together, padded; a much longer one alone
+    prompts = [" ".join(words[:7]), " ".join(words * 3), " ".join(words[5:11]), " ".join(words[1:9])]
+    requests = [GenerationParams(prompt=p, max_tokens=12 + 3 * i, temperature=0.0) for i, p in enumerate(prompts)]
+    busy = threading.Event()
+    hold = batched.compute.submit(busy.wait, WAIT_S)  # the model is busy while they arrive
+    results: dict[int, Any] = {}
+
+    def one(i: int) -> None:
+        results[i] = batched.generate(requests[i], GenerationControl())
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + WAIT_S
+        while batched.scheduler is not None and batched.scheduler.load() != (0, len(requests)):
+            assert time.monotonic() < deadline, "the requests never all waited"
+            time.sleep(0.01)
+        busy.set()
+        hold.result(WAIT_S)
+        for t in threads:
+            t.join(WAIT_S * 3)
+        assert len(results) == len(requests)
+        assert sorted(map(len, passes[:2]), reverse=True) == [3, 1]  # similar lengths together, the long one alone
+        for i, params in enumerate(requests):
+            expected = alone.generate(params, GenerationControl())
+            assert (results[i].text, results[i].completion_tokens) == (expected.text, expected.completion_tokens), i
+        assert sum(bool(r.text) for r in results.values()) >= len(requests) - 1
+        assert min(min(lengths) for lengths in passes[:2] if len(lengths) == 3) > 6  # past the window
+    finally:
+        busy.set()
+        batched.close()
+        alone.close()
