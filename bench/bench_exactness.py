@@ -29,8 +29,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
@@ -91,16 +93,16 @@ def main() -> None:
     texts = prompts(args.prompts)
     levels = [int(n) for n in args.parallel.split(",")]
     settings = args.weight_repacking.split(",")
-    counts: dict[tuple[str, int], str] = {}
-    for setting in settings:
-        repacking = {"default": None, "on": True, "off": False}[setting]
-        alone = texts_alone(path, texts, args, repacking)
-        for parallel in levels:
-            results = texts_batched(path, texts, args, repacking, parallel)
-            counts[setting, parallel] = differing(results, alone)
-            h.log(f"repacking {setting}, parallel {parallel}: {counts[setting, parallel]} differ")
-
-    rows = [[parallel] + [counts[s, parallel] for s in settings] for parallel in levels]
+    repacking = {"default": None, "on": True, "off": False}
+    rows = count_differences(
+        settings,
+        levels,
+        lambda setting, parallel: (
+            texts_alone(path, texts, args, repacking[setting])
+            if parallel is None
+            else texts_batched(path, texts, args, repacking[setting], parallel)
+        ),
+    )
     body = (
         f"Gemma 3 270M Q4_K_M (llama.cpp's CPU backend), {len(texts)} greedy prompts of 5-12 tokens, "
         f"{args.max_tokens} new tokens each, all submitted at once; how many texts differ from "
@@ -133,7 +135,6 @@ def texts_batched(
     path: str, texts: list[str], args: argparse.Namespace, repacking: bool | None, parallel: int
 ) -> list[str]:
     """Every prompt submitted at once to the worker's GGUF runtime with that many slots."""
-    from models.generation import GenerationControl, GenerationParams
     from models.gguf import GGUFRuntime
     from models.options import GGUFOptions
 
@@ -144,7 +145,13 @@ def texts_batched(
         n_threads=args.threads,
         weight_repacking=repacking,
     )
-    runtime = GGUFRuntime("gemma", path, "cpu", options)
+    return all_at_once(GGUFRuntime("gemma", path, "cpu", options), texts, args)
+
+
+def all_at_once(runtime: Any, texts: list[str], args: argparse.Namespace) -> list[str]:
+    """Load ``runtime``, submit every prompt to it at once, gather the texts, close it."""
+    from models.generation import GenerationControl, GenerationParams
+
     runtime.load()
     params = [GenerationParams(prompt=t, max_tokens=args.max_tokens, temperature=0.0) for t in texts]
     try:
@@ -152,6 +159,7 @@ def texts_batched(
             return [r.text for r in pool.map(lambda p: runtime.generate(p, GenerationControl()), params)]
     finally:
         runtime.close()
+        h.free(runtime)
 
 
 def transformers_main(args: argparse.Namespace) -> None:
@@ -161,14 +169,9 @@ def transformers_main(args: argparse.Namespace) -> None:
     texts = prompts(args.prompts)
     levels = [int(n) for n in args.parallel.split(",")]
     dtypes = args.dtypes.split(",")
-    counts: dict[tuple[str, int], str] = {}
-    for dtype in dtypes:
-        alone = hf_texts(folder, texts, args, dtype, 1)
-        for parallel in levels:
-            results = hf_texts(folder, texts, args, dtype, parallel)
-            counts[dtype, parallel] = differing(results, alone)
-            h.log(f"transformers {dtype}, parallel {parallel}: {counts[dtype, parallel]} differ")
-    rows = [[parallel] + [counts[d, parallel] for d in dtypes] for parallel in levels]
+    rows = count_differences(
+        dtypes, levels, lambda dtype, parallel: hf_texts(folder, texts, args, dtype, parallel or 1)
+    )
     body = (
         f"Gemma 3 270M (converted from the GGUF, transformers on the CPU), {len(texts)} greedy prompts of "
         f"5-12 tokens, {args.max_tokens} new tokens each, all submitted at once (each step's new prompts "
@@ -185,6 +188,20 @@ def transformers_main(args: argparse.Namespace) -> None:
     )
 
 
+def count_differences(
+    settings: list[str], levels: list[int], texts: Callable[[str, int | None], list[str]]
+) -> list[list[Any]]:
+    """A table's rows: for each level, in each setting, how many of ``texts(setting, level)``
+    differ from ``texts(setting, None)`` (the requests alone)."""
+    counts: dict[tuple[str, int], str] = {}
+    for setting in settings:
+        alone = texts(setting, None)
+        for parallel in levels:
+            counts[setting, parallel] = differing(texts(setting, parallel), alone)
+            h.log(f"{setting}, parallel {parallel}: {counts[setting, parallel]} differ")
+    return [[parallel] + [counts[s, parallel] for s in settings] for parallel in levels]
+
+
 def differing(results: list[str], alone: list[str]) -> str:
     differ = [(r, a) for r, a in zip(results, alone, strict=True) if r != a]
     where = sorted(common_prefix(r, a) * 100 // max(len(a), 1) for r, a in differ)
@@ -196,19 +213,10 @@ def hf_texts(folder: str, texts: list[str], args: argparse.Namespace, dtype: str
     """Every prompt submitted at once to the worker's transformers runtime with that many
     slots (with 1, each runs ``model.generate`` in turn)."""
     from models.causal_lm import CausalLMRuntime
-    from models.generation import GenerationControl, GenerationParams
     from models.options import CausalLMOptions
 
     options = CausalLMOptions(parallel=parallel, max_waiting=len(texts), dtype=dtype)
-    runtime = CausalLMRuntime("gemma", folder, "cpu", options)
-    runtime.load()
-    params = [GenerationParams(prompt=t, max_tokens=args.max_tokens, temperature=0.0) for t in texts]
-    try:
-        with ThreadPoolExecutor(len(params)) as pool:
-            return [r.text for r in pool.map(lambda p: runtime.generate(p, GenerationControl()), params)]
-    finally:
-        runtime.close()
-        h.free(runtime)
+    return all_at_once(CausalLMRuntime("gemma", folder, "cpu", options), texts, args)
 
 
 if __name__ == "__main__":

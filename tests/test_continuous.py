@@ -212,13 +212,11 @@ def test_a_closed_scheduler_refuses_and_fails_what_waits() -> None:
 # -- the transformers backend in-process: rows joining and leaving a KV cache ----------------
 
 
-@pytest.mark.parametrize("builder", ["build_tiny_causal_lm", "build_tiny_gemma3"])
-def test_cache_rows_joining_and_leaving_give_each_generation_alone(
-    builder: str, minilm_path: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """Generations of different prompt lengths and lengths, arriving at different times,
-    on a Llama and on a Gemma 3 whose sliding window (6 tokens) they run past: each text
-    equals ``model.generate`` for that prompt alone."""
+def batched_and_alone(
+    builder: str, parallel: int, minilm_path: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Any, Any]:
+    """A small causal LM (tests/model_builders.py) loaded twice: with ``parallel`` slots,
+    and with one (``model.generate``, the oracle)."""
     from models.causal_lm import CausalLMRuntime
     from models.options import CausalLMOptions
     from tests import model_builders
@@ -228,10 +226,21 @@ def test_cache_rows_joining_and_leaving_give_each_generation_alone(
     path = (
         build(minilm_path, out, chat_template=False) if builder == "build_tiny_causal_lm" else build(minilm_path, out)
     )
-    batched = CausalLMRuntime("batched", path, "cpu", CausalLMOptions(parallel=3, max_waiting=8))
+    batched = CausalLMRuntime("batched", path, "cpu", CausalLMOptions(parallel=parallel, max_waiting=8))
     alone = CausalLMRuntime("alone", path, "cpu", CausalLMOptions())
     batched.load()
     alone.load()
+    return batched, alone
+
+
+@pytest.mark.parametrize("builder", ["build_tiny_causal_lm", "build_tiny_gemma3"])
+def test_cache_rows_joining_and_leaving_give_each_generation_alone(
+    builder: str, minilm_path: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Generations of different prompt lengths and lengths, arriving at different times,
+    on a Llama and on a Gemma 3 whose sliding window (6 tokens) they run past: each text
+    equals ``model.generate`` for that prompt alone."""
+    batched, alone = batched_and_alone(builder, 3, minilm_path, tmp_path_factory)
     words = "river stone cloud music winter garden engine paper silver forest candle".split()
     requests = [
         GenerationParams(prompt=" ".join((words * 2)[: 2 + (5 * i) % 17]), max_tokens=4 + (7 * i) % 19, temperature=0.0)
@@ -288,19 +297,7 @@ def test_cache_rows_prompts_evaluated_together_give_each_generation_alone(
     """Requests that arrive while the model is busy have their prompts evaluated in
     left-padded passes when the model comes free (three prompts of similar length in one, a
     much longer one on its own), and each text still equals ``model.generate`` for that prompt alone."""
-    from models.causal_lm import CausalLMRuntime
-    from models.options import CausalLMOptions
-    from tests import model_builders
-
-    out = tmp_path_factory.mktemp(builder)
-    build = getattr(model_builders, builder)
-    path = (
-        build(minilm_path, out, chat_template=False) if builder == "build_tiny_causal_lm" else build(minilm_path, out)
-    )
-    batched = CausalLMRuntime("batched", path, "cpu", CausalLMOptions(parallel=4, max_waiting=8))
-    alone = CausalLMRuntime("alone", path, "cpu", CausalLMOptions())
-    batched.load()
-    alone.load()
+    batched, alone = batched_and_alone(builder, 4, minilm_path, tmp_path_factory)
     assert batched._rows is not None
     rows = batched._rows
     passes: list[list[int]] = []  # the prompt lengths of each prompt pass
