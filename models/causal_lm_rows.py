@@ -96,15 +96,16 @@ def prefill_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
     """The generations new in a step, in groups whose prompts go in one forward pass: the
     longest first, each joined by the next longest while the padding stays in budget."""
     groups: list[list[Sequence]] = []
+    real = 0  # the last group's prompt tokens
     for seq in sorted(seqs, key=lambda s: s.prompt_tokens, reverse=True):
+        real += seq.prompt_tokens
         if groups:
-            group = groups[-1]
-            padded = group[0].prompt_tokens * (len(group) + 1)
-            real = sum(s.prompt_tokens for s in group) + seq.prompt_tokens
+            padded = groups[-1][0].prompt_tokens * (len(groups[-1]) + 1)
             if padded <= PREFILL_MAX_TOKENS and padded <= PREFILL_PAD_BUDGET * real:
-                group.append(seq)
+                groups[-1].append(seq)
                 continue
         groups.append([seq])
+        real = seq.prompt_tokens
     return groups
 
 
